@@ -1,0 +1,50 @@
+"""unillm: run local language models in your own process behind one API.
+
+Example:
+    >>> from unillm import Engine
+    >>> with Engine() as engine:                                     # doctest: +SKIP
+    ...     print(engine.chat("smollm2", "What is the capital of France?", temperature=0).text)
+"""
+
+from __future__ import annotations
+
+from .engine import Engine
+from .errors import (
+    BackendNotInstalledError,
+    BackendUnavailableError,
+    ConfigError,
+    ContextWindowExceededError,
+    EngineClosedError,
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+    UnillmError,
+    UnknownModelError,
+    UnsupportedFeatureError,
+)
+from .registry import ModelSpec, Registry
+from .types import ChatCompletion, ChatCompletionChunk, Timings, Usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotInstalledError",
+    "BackendUnavailableError",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ConfigError",
+    "ContextWindowExceededError",
+    "Engine",
+    "EngineClosedError",
+    "GenerationError",
+    "InvalidRequestError",
+    "ModelLoadError",
+    "ModelSpec",
+    "Registry",
+    "Timings",
+    "UnillmError",
+    "UnknownModelError",
+    "UnsupportedFeatureError",
+    "Usage",
+    "__version__",
+]

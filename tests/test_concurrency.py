@@ -1,0 +1,87 @@
+"""The sync API inside a running loop and from many threads; the async twins; sync/async parity."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from conftest import GREEDY, QUESTION
+
+PROMPTS = [f"What is {a} plus {b}?" for a, b in [(1, 1), (2, 3), (4, 4), (5, 2), (7, 1), (3, 3), (6, 2), (9, 0)]]
+
+
+def test_sync_chat_inside_a_running_event_loop(engine):
+    async def notebook_cell():
+        # What a Jupyter cell does: a plain blocking call while the kernel's loop is running.
+        assert asyncio.get_running_loop().is_running()
+        return engine.chat("smollm2", QUESTION, max_tokens=32, **GREEDY)
+
+    r = asyncio.run(notebook_cell())
+    assert "Paris" in r.text
+
+
+def test_sync_stream_inside_a_running_event_loop(engine):
+    async def cell():
+        return "".join(c.text for c in engine.chat("smollm2", QUESTION, max_tokens=32, stream=True, **GREEDY))
+
+    assert "Paris" in asyncio.run(cell())
+
+
+def test_eight_threads_get_the_answers_they_would_get_alone(engine):
+    alone = [engine.chat("smollm2", p, max_tokens=16, **GREEDY).text for p in PROMPTS]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: engine.chat("smollm2", p, max_tokens=16, **GREEDY).text, PROMPTS))
+    assert together == alone
+
+
+def test_threads_streaming_at_once(engine):
+    alone = engine.chat("smollm2", QUESTION, max_tokens=24, **GREEDY).text
+
+    def streamed(_):
+        return "".join(c.text for c in engine.chat("smollm2", QUESTION, max_tokens=24, stream=True, **GREEDY))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(streamed, range(4))) == [alone] * 4
+
+
+def test_async_twins_match_sync(engine):
+    sync_text = engine.chat("smollm2", QUESTION, max_tokens=32, **GREEDY).text
+    sync_stream = "".join(c.text for c in engine.chat("smollm2", QUESTION, max_tokens=32, stream=True, **GREEDY))
+
+    async def main():
+        r = await engine.achat("smollm2", QUESTION, max_tokens=32, **GREEDY)
+        stream = await engine.achat("smollm2", QUESTION, max_tokens=32, stream=True, **GREEDY)
+        parts = [c.text async for c in stream]
+        gathered = await asyncio.gather(*(engine.achat("smollm2", p, max_tokens=16, **GREEDY) for p in PROMPTS[:4]))
+        return r.text, "".join(parts), [g.text for g in gathered]
+
+    a_text, a_stream, gathered = asyncio.run(main())
+    assert a_text == sync_text == sync_stream == a_stream
+    assert gathered == [engine.chat("smollm2", p, max_tokens=16, **GREEDY).text for p in PROMPTS[:4]]
+
+
+def test_cancelling_an_async_call_leaves_the_engine_usable(engine):
+    async def main():
+        task = asyncio.create_task(engine.achat("smollm2", "Write a long story.", max_tokens=300, **GREEDY))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return await engine.achat("smollm2", QUESTION, max_tokens=32, **GREEDY)
+
+    assert "Paris" in asyncio.run(main()).text
+
+
+def test_async_context_manager():
+    from unillm import Engine
+
+    async def main():
+        async with Engine() as eng:
+            r = await eng.achat("smollm2", QUESTION, max_tokens=32, **GREEDY)
+        return eng, r
+
+    eng, r = asyncio.run(main())
+    assert "Paris" in r.text
+    assert eng.loaded() == []
