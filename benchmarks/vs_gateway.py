@@ -27,9 +27,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stream_stats(chunks) -> tuple[float, int, float]:
-    """(TTFT seconds, content pieces, decode pieces/s) of a stream started just before the call."""
+def stream_stats(start) -> tuple[float, int, float]:
+    """(TTFT seconds, content pieces, decode pieces/s) of the stream that ``start()`` opens.
+
+    The clock starts before the call: ``Engine.chat(stream=True)`` returns once the first chunk exists.
+    """
     t0 = time.perf_counter()
+    chunks = start()
     first = None
     n = 0
     for text in chunks:
@@ -71,11 +75,14 @@ def main() -> None:
         kw = dict(temperature=0.0, max_tokens=args.tokens, seed=0)
 
         def via_gateway(p: str):
-            s = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": p}], stream=True, **kw)
-            return stream_stats(c.choices[0].delta.content if c.choices else "" for c in s)
+            def start():
+                s = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": p}], stream=True, **kw)
+                return (c.choices[0].delta.content if c.choices else "" for c in s)
+
+            return stream_stats(start)
 
         def via_unillm(p: str):
-            return stream_stats(c.text for c in engine.chat("smollm2", [{"role": "user", "content": p}], stream=True, **kw))
+            return stream_stats(lambda: (c.text for c in engine.chat("smollm2", [{"role": "user", "content": p}], stream=True, **kw)))
 
         for p in PROMPTS:
             via_gateway(p), via_unillm(p)

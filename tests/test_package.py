@@ -73,3 +73,11 @@ def test_cli_models_lists_registry_and_why_not():
     rows = {r["name"]: r for r in map(json.loads, out.stdout.splitlines())}
     assert rows["smollm2"]["runs_here"] is True
     assert rows["qwen-coder-vllm"]["runs_here"] is False and rows["qwen-coder-vllm"]["why_not"]
+
+
+def test_mypy_is_clean_on_src():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "mypy"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -62,31 +62,29 @@ class LoopThread:
             return await coro
         return await asyncio.wrap_future(self.submit(coro))
 
-    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+    def iterate(self, agen: AsyncGenerator[T, None]) -> Iterator[T]:
         """Drive an async iterator living on the owned loop from a blocking caller."""
         try:
             while True:
                 try:
-                    yield self.run(agen.__anext__())
+                    yield self.run(agen.__anext__())  # type: ignore[arg-type]
                 except StopAsyncIteration:
                     return
         finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None and self.running:
-                self.run(aclose())
+            if self.running:
+                self.run(agen.aclose())
 
-    async def aiterate(self, agen: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def aiterate(self, agen: AsyncGenerator[T, None]) -> AsyncIterator[T]:
         """Drive an async iterator living on the owned loop from another loop."""
         try:
             while True:
                 try:
-                    yield await self.run_async(agen.__anext__())
+                    yield await self.run_async(agen.__anext__())  # type: ignore[arg-type]
                 except StopAsyncIteration:
                     return
         finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None and self.running:
-                await self.run_async(aclose())
+            if self.running:
+                await self.run_async(agen.aclose())
 
     def stop(self) -> None:
         if self.loop.is_closed():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 from .backends import backend_class
@@ -82,7 +82,7 @@ class _Core:
             timings=Timings(load_s, gen.ttft_s, time.perf_counter() - req.started, gen.decode_tokens_per_s),
         )
 
-    async def open_stream(self, model: str, messages: Messages, params: dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
+    async def open_stream(self, model: str, messages: Messages, params: dict[str, Any]) -> AsyncGenerator[ChatCompletionChunk, None]:
         """Start a stream and wait for its first chunk, so that bad requests fail here, not later."""
         spec, backend, req, load_s = await self._prepare(model, messages, params)
         chunks = self._chunks(spec, backend, req, load_s)
@@ -93,7 +93,7 @@ class _Core:
             raise
         return _prepend(first, chunks)
 
-    async def _chunks(self, spec: ModelSpec, backend: Backend, req: Request, load_s: float) -> AsyncIterator[ChatCompletionChunk]:
+    async def _chunks(self, spec: ModelSpec, backend: Backend, req: Request, load_s: float) -> AsyncGenerator[ChatCompletionChunk, None]:
         role: str | None = "assistant"
         pieces = backend.stream(req)
         try:
@@ -120,7 +120,7 @@ class _Core:
                 role = None
                 yield chunk
         finally:
-            await pieces.aclose()  # type: ignore[attr-defined]
+            await pieces.aclose()
 
     async def unload(self, model: str) -> bool:
         spec = self.registry.get(model)
@@ -136,13 +136,15 @@ class _Core:
             await backend.aclose()
 
 
-async def _prepend(first: ChatCompletionChunk, rest: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
+async def _prepend(
+    first: ChatCompletionChunk, rest: AsyncGenerator[ChatCompletionChunk, None]
+) -> AsyncGenerator[ChatCompletionChunk, None]:
     try:
         yield first
         async for chunk in rest:
             yield chunk
     finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+        await rest.aclose()
 
 
 class Engine:

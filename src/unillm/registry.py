@@ -87,7 +87,7 @@ class ModelSpec(_Strict):
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
     use_for: list[str] = Field(default_factory=list, description="tasks from the model guide")
-    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    defaults: SamplingDefaults = SamplingDefaults()
     options: dict[str, Any] = Field(default_factory=dict, description="backend-specific options")
     fallbacks: list[str] = Field(default_factory=list, description="models to try when this one cannot run")
     requires: Literal["any", "cpu", "cuda"] = "any"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -91,7 +91,7 @@ class Backend(ABC):
         """Generate the whole answer."""
 
     @abstractmethod
-    def stream(self, request: Request) -> AsyncIterator[Piece]:
+    def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
         """Generate piece by piece; closing the iterator early aborts the request."""
 
     @abstractmethod

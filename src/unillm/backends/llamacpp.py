@@ -23,7 +23,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -251,7 +251,7 @@ class LlamaCppBackend(Backend):
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, sent, n, first_at, finish, cut = "", 0, 0, None, "length", False
-        gen: Iterator[int] = llm.generate(
+        gen: Generator[int, Any, None] = llm.generate(
             tokens, temp=p.temperature, top_p=p.top_p, reset=True,
             **{k: v for k, v in kw.items() if k != "logits_processor"}, logits_processor=kw["logits_processor"],
         )
@@ -303,7 +303,7 @@ class LlamaCppBackend(Backend):
         finally:
             self._cancels.discard(cancel)
 
-    async def stream(self, request: Request) -> AsyncIterator[Piece]:
+    async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
         cancel = threading.Event()
@@ -313,7 +313,12 @@ class LlamaCppBackend(Backend):
             loop.call_soon_threadsafe(queue.put_nowait, piece)
 
         job = self._submit(self._run, request, cancel, emit)
-        job.add_done_callback(lambda f: f.cancelled() or f.exception() is None or queue.put_nowait(f.exception()))  # type: ignore[arg-type]
+
+        def on_done(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and (exc := f.exception()) is not None:
+                queue.put_nowait(exc)
+
+        job.add_done_callback(on_done)
         try:
             while True:
                 item = await queue.get()
