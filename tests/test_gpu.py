@@ -20,20 +20,27 @@ pytestmark = [
 ]
 
 FULL_OFFLOAD = """
-import json, sys, time
-import torch  # first, as in a process that also hosts torch-based backends
+import json, sys
+order = sys.argv[2]
+if order == "torch_first":
+    import torch  # first, as in a process that also hosts torch-based backends
 from unillm import Engine
-from unillm.registry import Registry
 cfg = sys.argv[1]
-out = {"torch_cuda": torch.cuda.is_available()}
+q = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+     {"role": "user", "content": "What is the capital of France?"}]
+out = {}
 with Engine(cfg) as e:
     for name in ("smollm2-gpu", "smollm2-cpu"):
-        r = e.chat(name, [{"role": "system", "content": "You are a helpful assistant. Answer briefly."},
-                          {"role": "user", "content": "What is the capital of France?"}], temperature=0, seed=0, max_tokens=32)
+        r = e.chat(name, q, temperature=0, seed=0, max_tokens=32)
         info = e.backend(name).info()
         long = e.chat(name, "Write a long story about a dragon.", temperature=0, seed=0, max_tokens=256)
         out[name] = {"text": r.text, "n_gpu_layers": info["n_gpu_layers"], "offload": info["gpu_offload_supported"],
                      "decode_tok_s": long.timings.decode_tokens_per_s, "tokens": long.usage.completion_tokens}
+    if order == "torch_after":
+        import torch
+        out["torch_after_sum"] = float(torch.ones(4, device="cuda").sum())
+        out["after_torch_text"] = e.chat("smollm2-gpu", q, temperature=0, seed=0, max_tokens=32).text
+out["torch_cuda"] = torch.cuda.is_available()
 print(json.dumps(out))
 """
 
@@ -51,17 +58,22 @@ CONFIG = """models:
 """
 
 
-def test_full_offload_in_a_process_that_imported_torch(tmp_path):
+@pytest.mark.parametrize("order", ["torch_first", "torch_after"])
+def test_full_offload_beside_torch(tmp_path, order):
     cfg = tmp_path / "gpu.yaml"
     cfg.write_text(CONFIG)
-    out = run_py(FULL_OFFLOAD, str(cfg), timeout=300)
+    out = run_py(FULL_OFFLOAD, str(cfg), order, timeout=300)
     assert out.returncode == 0, f"crashed (exit {out.returncode}): {out.stderr[-2000:]}"
     res = json.loads(out.stdout.strip().splitlines()[-1])
     gpu, cpu = res["smollm2-gpu"], res["smollm2-cpu"]
+    assert res["torch_cuda"] is True
     assert gpu["offload"] is True and gpu["n_gpu_layers"] == -1
     assert cpu["n_gpu_layers"] == 0
     assert "Paris" in gpu["text"] and "Paris" in cpu["text"]
-    print(f"\ndecode tok/s, all layers on the GPU: {gpu['decode_tok_s']:.0f}; none: {cpu['decode_tok_s']:.0f}")
+    if order == "torch_after":
+        assert res["torch_after_sum"] == 4.0 and "Paris" in res["after_torch_text"]
+    print(f"\n[{order}] decode tok/s over {gpu['tokens']} tokens: all layers on the GPU {gpu['decode_tok_s']:.0f}, "
+          f"none (8 CPU threads) {cpu['decode_tok_s']:.0f}")
 
 
 def test_doctor_reports_the_gpu():

@@ -2,6 +2,9 @@
 
     unillm chat MODEL "prompt"        stream an answer to the terminal (prompt "-" or none: read stdin)
     unillm models                     the registry: name, backend, source, context, can it run here
+    unillm doctor                     this machine: CPUs, memory, GPUs, backends, Ollama, what runs here
+    unillm recommend --task code --users 20 [--stage production]
+                                      the model guide's pick, applied to this machine
 
 Example:
     $ unillm chat smollm2 "What is the capital of France?" --temperature 0
@@ -42,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--json", action="store_true", help="one JSON object per model")
     _add_config(models)
+
+    doc = sub.add_parser("doctor", help="what this machine has and which models can run on it")
+    doc.add_argument("--json", action="store_true")
+    _add_config(doc)
+
+    rec = sub.add_parser("recommend", help="the model guide's recommendation for a workload, on this machine")
+    rec.add_argument("--task", required=True, choices=["code", "chat", "content", "research", "batch"])
+    rec.add_argument("--users", type=int, default=1, help="concurrent users (default 1)")
+    rec.add_argument("--stage", default="prototype", choices=["prototype", "testing", "production"])
+    rec.add_argument("--json", action="store_true")
+    _add_config(rec)
     return parser
 
 
@@ -122,9 +136,33 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor, format_report
+    from .registry import Registry
+
+    report = doctor(Registry.load(args.config))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from .recommend import recommend
+    from .registry import Registry
+
+    rec = recommend(args.task, args.users, args.stage, registry=Registry.load(args.config))
+    if args.json:
+        print(json.dumps(rec.to_dict(), indent=2))
+        return 0
+    note = f"  (the guide's pick, {rec.guide_model}, cannot run here)" if rec.fallback_used else ""
+    print(rec.model + note)
+    for reason in rec.reasons:
+        print(f"  - {reason}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"chat": _cmd_chat, "models": _cmd_models}[args.command]
+    handler = {"chat": _cmd_chat, "models": _cmd_models, "doctor": _cmd_doctor, "recommend": _cmd_recommend}[args.command]
     try:
         return handler(args)
     except UnillmError as exc:

@@ -16,15 +16,24 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 from .backends import backend_class
 from .backends.base import Backend, Generation, Piece, Request, new_request_id
-from .errors import EngineClosedError, GenerationError, ModelLoadError, UnillmError
+from .errors import (
+    BackendNotInstalledError,
+    BackendUnavailableError,
+    EngineClosedError,
+    GenerationError,
+    ModelLoadError,
+    UnillmError,
+)
 from .params import merge_params, validate_messages
 from ._loop import LoopThread
 from .registry import ModelSpec, Registry
+from .system import hardware_problem
 from .types import ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Message, Timings
 
 Messages = Sequence[Mapping[str, Any] | Message] | str
@@ -33,8 +42,9 @@ Messages = Sequence[Mapping[str, Any] | Message] | str
 class _Core:
     """The async core; every method runs on the engine's own loop."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, fallbacks: bool) -> None:
         self.registry = registry
+        self.fallbacks = fallbacks
         self.backends: dict[str, Backend] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
 
@@ -46,6 +56,9 @@ class _Core:
         async with lock:
             if (b := self.backends.get(spec.name)) is not None:
                 return b, 0.0
+            problem = hardware_problem(spec)
+            if problem:
+                raise ModelLoadError(spec.name, problem)
             cls = backend_class(spec.backend, spec.name)
             t0 = time.perf_counter()
             backend = cls(spec)
@@ -58,15 +71,50 @@ class _Core:
             self.backends[spec.name] = backend
             return backend, time.perf_counter() - t0
 
-    async def _prepare(self, model: str, messages: Messages, params: dict[str, Any]) -> tuple[ModelSpec, Backend, Request, float]:
+    async def serving(self, model: str) -> tuple[ModelSpec, Backend, float, _Fallback | None]:
+        """The model that will serve a call for ``model``: itself, or with fallbacks on, the first of its
+        fallbacks (breadth first) that loads when it cannot (backend missing, no GPU, load failure)."""
         spec = self.registry.get(model)
+        try:
+            backend, load_s = await self.backend_for(spec)
+            return spec, backend, load_s, None
+        except _CANNOT_RUN as exc:
+            if not spec.fallbacks:
+                raise
+            if not self.fallbacks:
+                exc.args = (
+                    f"{exc} Its registry entry lists fallbacks {spec.fallbacks}: Engine(fallbacks=True) or "
+                    "UNILLM_FALLBACKS=1 sends the call to the first of them that runs here.",
+                )
+                raise
+            first = exc
+        reasons = [f"{spec.name}: {first}"]
+        tried, queue = {spec.name}, list(spec.fallbacks)
+        while queue:
+            candidate = self.registry.get(queue.pop(0))
+            if candidate.name in tried:
+                continue
+            tried.add(candidate.name)
+            try:
+                backend, load_s = await self.backend_for(candidate)
+            except _CANNOT_RUN as exc:
+                reasons.append(f"{candidate.name}: {exc}")
+                queue.extend(candidate.fallbacks)
+                continue
+            return candidate, backend, load_s, _Fallback(spec.name, "; ".join(reasons))
+        first.args = (f"{first} No fallback runs either: " + "; ".join(reasons[1:]),)
+        raise first
+
+    async def _prepare(
+        self, model: str, messages: Messages, params: dict[str, Any]
+    ) -> tuple[ModelSpec, Backend, Request, float, _Fallback | None]:
         msgs = validate_messages(messages)
+        spec, backend, load_s, fallback = await self.serving(model)
         sampling = merge_params(spec.defaults.model_dump(), params)
-        backend, load_s = await self.backend_for(spec)
-        return spec, backend, Request(new_request_id(), msgs, sampling), load_s
+        return spec, backend, Request(new_request_id(), msgs, sampling), load_s, fallback
 
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
-        spec, backend, req, load_s = await self._prepare(model, messages, params)
+        spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         try:
             gen: Generation = await backend.generate(req)
         except UnillmError:
@@ -80,12 +128,14 @@ class _Core:
             choices=[Choice(0, Message("assistant", gen.text), gen.finish_reason)],
             usage=gen.usage,
             timings=Timings(load_s, gen.ttft_s, time.perf_counter() - req.started, gen.decode_tokens_per_s),
+            requested_model=fallback.requested if fallback else None,
+            fallback_reason=fallback.reason if fallback else None,
         )
 
     async def open_stream(self, model: str, messages: Messages, params: dict[str, Any]) -> AsyncGenerator[ChatCompletionChunk, None]:
         """Start a stream and wait for its first chunk, so that bad requests fail here, not later."""
-        spec, backend, req, load_s = await self._prepare(model, messages, params)
-        chunks = self._chunks(spec, backend, req, load_s)
+        spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
+        chunks = self._chunks(spec, backend, req, load_s, fallback)
         try:
             first = await chunks.__anext__()
         except BaseException:
@@ -93,7 +143,9 @@ class _Core:
             raise
         return _prepend(first, chunks)
 
-    async def _chunks(self, spec: ModelSpec, backend: Backend, req: Request, load_s: float) -> AsyncGenerator[ChatCompletionChunk, None]:
+    async def _chunks(
+        self, spec: ModelSpec, backend: Backend, req: Request, load_s: float, fallback: _Fallback | None
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
         role: str | None = "assistant"
         pieces = backend.stream(req)
         try:
@@ -112,6 +164,8 @@ class _Core:
                     backend=spec.backend,
                     choices=[ChunkChoice(0, Delta(role, piece.text), piece.finish_reason)],
                     usage=piece.usage,
+                    requested_model=fallback.requested if fallback else None,
+                    fallback_reason=fallback.reason if fallback else None,
                 )
                 if piece.finish_reason is not None:
                     chunk.timings = Timings(
@@ -136,6 +190,16 @@ class _Core:
             await backend.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class _Fallback:
+    requested: str
+    reason: str
+
+
+# What makes a model unable to run here, as opposed to a bad request: these trigger fallbacks.
+_CANNOT_RUN = (BackendNotInstalledError, BackendUnavailableError, ModelLoadError)
+
+
 async def _prepend(
     first: ChatCompletionChunk, rest: AsyncGenerator[ChatCompletionChunk, None]
 ) -> AsyncGenerator[ChatCompletionChunk, None]:
@@ -154,6 +218,9 @@ class Engine:
         config: extra registry file(s) layered on top of the defaults (see :mod:`unillm.registry`).
         builtin: also load the shipped registry and the user/project/``UNILLM_CONFIG`` files.
         registry: a ready :class:`Registry` instead of files.
+        fallbacks: when a model cannot run here (backend missing, no GPU, load failure), serve the call
+            with the first of its registry ``fallbacks`` that can; the result's ``requested_model`` and
+            ``fallback_reason`` say so. Default: off, or ``UNILLM_FALLBACKS=1``.
 
     Example:
         >>> from unillm import Engine
@@ -169,9 +236,12 @@ class Engine:
         *,
         builtin: bool = True,
         registry: Registry | None = None,
+        fallbacks: bool | None = None,
     ) -> None:
         self.registry = registry if registry is not None else Registry.load(config, builtin=builtin)
-        self._core = _Core(self.registry)
+        if fallbacks is None:
+            fallbacks = os.environ.get("UNILLM_FALLBACKS", "").lower() in ("1", "true", "yes")
+        self._core = _Core(self.registry, fallbacks)
         self._loop = LoopThread()
         self._closed = False
 
@@ -264,7 +334,7 @@ class Engine:
         return await self._loop.run_async(self._aload(model))
 
     async def _aload(self, model: str) -> float:
-        return (await self._core.backend_for(self.registry.get(model)))[1]
+        return (await self._core.serving(model))[2]
 
     def unload(self, model: str) -> bool:
         """Free a loaded model's memory; returns False when it was not loaded."""

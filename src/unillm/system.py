@@ -9,9 +9,12 @@ Example:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 from .backends import backend_info
@@ -93,26 +96,56 @@ def gpus() -> tuple[GPU, ...]:
     return tuple(found)
 
 
+def hardware_problem(spec: ModelSpec) -> str | None:
+    """Why this machine's GPUs cannot hold the model (``requires: cuda``, ``min_gpu_memory_gb``), or None."""
+    if spec.requires != "cuda" and not spec.min_gpu_memory_gb:
+        return None
+    found = gpus()
+    if not found:
+        need = f" with >= {spec.min_gpu_memory_gb:g} GB" if spec.min_gpu_memory_gb else ""
+        quant = spec.options.get("quantization")
+        what = f"{quant.upper()} on {spec.backend}" if isinstance(quant, str) else spec.backend
+        return f"needs an NVIDIA GPU{need} ({what} needs CUDA); none found on this machine"
+    largest = max(g.memory_gb for g in found)
+    if spec.min_gpu_memory_gb and largest < spec.min_gpu_memory_gb:
+        return f"needs a GPU with >= {spec.min_gpu_memory_gb:g} GB; the largest here has {largest:.0f} GB"
+    return None
+
+
+def ollama_host(spec: ModelSpec | None = None) -> str:
+    """The Ollama daemon's URL: the entry's ``options.host``, else ``OLLAMA_HOST``, else 127.0.0.1:11434."""
+    host = (spec.options.get("host") if spec is not None else None) or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
+    host = str(host)
+    if "://" not in host:
+        host = "http://" + host
+    return host.rstrip("/")
+
+
+def ollama_version(host: str, timeout: float = 0.5) -> str | None:
+    """The version an Ollama daemon reports at ``host``, or None when nothing answers there."""
+    try:
+        with urllib.request.urlopen(f"{host}/api/version", timeout=timeout) as resp:  # noqa: S310 - local URL
+            return str(json.loads(resp.read().decode()).get("version", "unknown"))
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
 def why_not_runnable(spec: ModelSpec) -> str | None:
     """Why this model cannot run on this machine, or None when it can (as far as can be told cheaply)."""
     try:
         info = backend_info(spec.backend)
     except UnillmError as exc:
         return str(exc)
+    problem = hardware_problem(spec)
+    if problem:
+        return problem
     if not info.installed():
         return f"backend {spec.backend!r} not installed: pip install 'unillm[{info.extra}]'"
-    if spec.requires == "cuda" or spec.min_gpu_memory_gb:
-        found = gpus()
-        if not found:
-            need = f" with >= {spec.min_gpu_memory_gb:g} GB" if spec.min_gpu_memory_gb else ""
-            quant = spec.options.get("quantization")
-            what = f"{quant.upper()} on {spec.backend}" if isinstance(quant, str) else spec.backend
-            return f"needs an NVIDIA GPU{need} ({what} needs CUDA); none found"
-        if spec.min_gpu_memory_gb and max(g.memory_gb for g in found) < spec.min_gpu_memory_gb:
-            return f"needs a GPU with >= {spec.min_gpu_memory_gb:g} GB; largest here has {max(g.memory_gb for g in found):.0f} GB"
     if spec.source.package or spec.source.path:
         try:
             resolve_file(spec)
         except UnillmError as exc:
             return str(exc).split(": ", 1)[-1]
+    if spec.backend == "ollama" and ollama_version(ollama_host(spec)) is None:
+        return f"no Ollama daemon answers at {ollama_host(spec)} (start `ollama serve`, then `ollama pull {spec.source.ollama}`)"
     return None

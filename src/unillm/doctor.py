@@ -1,0 +1,92 @@
+"""``unillm doctor``: what this machine has, and what can run on it.
+
+Example:
+    >>> from unillm.doctor import doctor
+    >>> report = doctor()
+    >>> report.cpus >= 1 and any(m["name"] == "smollm2" for m in report.models)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends import BACKENDS
+from .registry import Registry
+from .system import GPU, cpu_count, default_threads, gpus, memory_gb, ollama_host, ollama_version, why_not_runnable
+
+
+@dataclass
+class Report:
+    """Facts about this machine and the registry's models on it."""
+
+    cpus: int
+    memory_gb: float | None
+    gpus: list[GPU]
+    backends: dict[str, dict[str, Any]]
+    llama_cpp_gpu_offload: bool | None
+    llama_cpp_threads: int
+    ollama_host: str
+    ollama_version: str | None
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def max_gpu_memory_gb(self) -> float:
+        return max((g.memory_gb for g in self.gpus), default=0.0)
+
+
+def _llama_cpp_offload() -> bool | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def doctor(registry: Registry | None = None) -> Report:
+    """Collect the report (imports llama_cpp, if installed, to ask whether it can offload)."""
+    registry = registry if registry is not None else Registry.load()
+    host = ollama_host()
+    backends = {
+        name: {"installed": info.installed(), "package": info.distribution, "version": info.version(),
+               "install": f"pip install 'unillm[{info.extra}]'"}
+        for name, info in BACKENDS.items()
+    }
+    models = []
+    for spec in registry:
+        reason = why_not_runnable(spec)
+        models.append({"name": spec.name, "backend": spec.backend, "runs_here": reason is None, "why_not": reason})
+    return Report(
+        cpus=cpu_count(), memory_gb=memory_gb(), gpus=list(gpus()), backends=backends,
+        llama_cpp_gpu_offload=_llama_cpp_offload(), llama_cpp_threads=default_threads(),
+        ollama_host=host, ollama_version=ollama_version(host), models=models,
+    )
+
+
+def format_report(r: Report) -> str:
+    mem = f"{r.memory_gb:.1f} GB" if r.memory_gb else "unknown"
+    lines = [f"CPU       {r.cpus} cores, {mem} memory; llama.cpp threads {r.llama_cpp_threads} (UNILLM_N_THREADS)"]
+    if r.gpus:
+        lines += [f"GPU {g.index}     {g.name}, {g.memory_gb:.0f} GB" for g in r.gpus]
+    else:
+        lines.append("GPU       none found (NVML / nvidia-smi)")
+    offload = {None: "llama-cpp-python not installed", True: "yes (CUDA/Metal/Vulkan build)", False: "no (CPU-only build)"}
+    lines.append(f"llama.cpp GPU offload: {offload[r.llama_cpp_gpu_offload]}")
+    lines.append(f"Ollama    {r.ollama_host}: " + (f"daemon answers, version {r.ollama_version}" if r.ollama_version else "no daemon answers"))
+    lines.append("")
+    lines.append("Backends")
+    for name, b in r.backends.items():
+        state = f"{b['package']} {b['version']}" if b["installed"] else f"not installed: {b['install']}"
+        lines.append(f"  {name:9} {state}")
+    lines.append("")
+    lines.append("Models")
+    width = max(len(m["name"]) for m in r.models)
+    for m in r.models:
+        lines.append(f"  {m['name']:{width}}  " + ("runs here" if m["runs_here"] else f"no: {m['why_not']}"))
+    return "\n".join(lines)
