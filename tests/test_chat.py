@@ -123,3 +123,16 @@ def test_system_message_reaches_the_template(engine):
 def test_grammar_constrains_the_answer(engine):
     r = engine.chat("smollm2", QUESTION, max_tokens=8, extra={"grammar": 'root ::= "Paris" | "Lyon" | "Nice"'}, **GREEDY)
     assert r.text in ("Paris", "Lyon", "Nice")
+
+
+def test_grammar_on_the_single_path_too(single_engine):
+    r = single_engine.chat("smollm2-single", QUESTION, max_tokens=8, extra={"grammar": 'root ::= "Paris" | "Lyon"'}, **GREEDY)
+    assert r.text in ("Paris", "Lyon")
+
+
+def test_single_and_batched_paths_agree_under_greedy(engine, single_engine):
+    a = engine.chat("smollm2", QUESTION, max_tokens=32, **GREEDY)
+    b = single_engine.chat("smollm2-single", QUESTION, max_tokens=32, **GREEDY)
+    assert a.text == b.text and a.usage == b.usage
+    assert engine.backend("smollm2").info()["parallel"] > 1
+    assert single_engine.backend("smollm2-single").info()["parallel"] == 1

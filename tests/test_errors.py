@@ -16,6 +16,7 @@ from unillm import (
     ModelLoadError,
     UnillmError,
     UnknownModelError,
+    UnsupportedFeatureError,
 )
 
 
@@ -86,7 +87,15 @@ def test_explicit_max_tokens_over_the_window_is_refused(engine):
     assert_still_serves(engine)
 
 
-def test_generation_failure_is_reported_and_recovered(engine):
+def test_logits_processor_needs_the_single_path(engine):
+    with pytest.raises(UnsupportedFeatureError) as e:
+        engine.chat("smollm2", QUESTION, extra={"logits_processor": lambda ids, scores: scores})
+    assert "parallel: 1" in str(e.value)
+    assert_still_serves(engine)
+
+
+def test_generation_failure_is_reported_and_recovered(single_engine):
+    engine = single_engine
     calls = []
 
     def failing_processor(input_ids, scores):
@@ -96,13 +105,13 @@ def test_generation_failure_is_reported_and_recovered(engine):
         return scores
 
     with pytest.raises(GenerationError) as e:
-        engine.chat("smollm2", QUESTION, max_tokens=20, extra={"logits_processor": failing_processor}, **GREEDY)
-    assert "user logits processor broke" in str(e.value) and e.value.model == "smollm2"
+        engine.chat("smollm2-single", QUESTION, max_tokens=20, extra={"logits_processor": failing_processor}, **GREEDY)
+    assert "user logits processor broke" in str(e.value) and e.value.model == "smollm2-single"
     with pytest.raises(GenerationError):
-        list(engine.chat("smollm2", QUESTION, max_tokens=20, stream=True,
+        list(engine.chat("smollm2-single", QUESTION, max_tokens=20, stream=True,
                          extra={"logits_processor": lambda ids, scores: 1 / 0},
                          **GREEDY))
-    assert_still_serves(engine)
+    assert "Paris" in engine.chat("smollm2-single", QUESTION, max_tokens=32, **GREEDY).text
 
 
 def test_model_load_failure(engine, write_config, tmp_path):

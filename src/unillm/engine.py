@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Se
 from typing import Any, Literal, overload
 
 from .backends import backend_class
+from .batch import BatchResult, run_batch
 from .backends.base import Backend, Generation, Piece, Request, new_request_id
 from .errors import (
     BackendNotInstalledError,
@@ -321,6 +322,42 @@ class Engine:
             agen = await self._loop.run_async(self._core.open_stream(model, messages, params))
             return self._loop.aiterate(agen)
         return await self._loop.run_async(self._core.chat(model, messages, params))
+
+    # -- batches ------------------------------------------------------------------------------------
+
+    def batch(
+        self, model: str, items: Sequence[Messages], *, progress: bool = True, concurrency: int | None = None,
+        temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
+        stop: str | list[str] | None = None, seed: int | None = None, extra: Mapping[str, Any] | None = None,
+    ) -> list[BatchResult]:
+        """Answer many items (message lists or prompt strings); results come back in input order.
+
+        An item that fails (too long, bad messages) gets a result with ``error`` set and does not stop the
+        others. GGUF models with ``options.parallel`` > 1 decode many items per step; ``concurrency`` caps how
+        many are in flight (default: what the backend can use). ``progress`` shows a tqdm bar (terminal or
+        Jupyter) with documents/s and tokens/s.
+
+        Example:
+            >>> from unillm import Engine
+            >>> with Engine() as engine:                              # doctest: +SKIP
+            ...     for r in engine.batch("smollm2", ["Name a fruit.", "Name a tree."], max_tokens=16):
+            ...         print(r.index, r.text if r.ok else r.error)
+        """
+        self._check_open()
+        params = _params(temperature, top_p, max_tokens, stop, seed, extra)
+        return self._loop.run(run_batch(self._core, model, items, params, progress=progress, concurrency=concurrency))
+
+    async def abatch(
+        self, model: str, items: Sequence[Messages], *, progress: bool = True, concurrency: int | None = None,
+        temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
+        stop: str | list[str] | None = None, seed: int | None = None, extra: Mapping[str, Any] | None = None,
+    ) -> list[BatchResult]:
+        """The async twin of :meth:`batch`."""
+        self._check_open()
+        params = _params(temperature, top_p, max_tokens, stop, seed, extra)
+        return await self._loop.run_async(
+            run_batch(self._core, model, items, params, progress=progress, concurrency=concurrency)
+        )
 
     # -- models -------------------------------------------------------------------------------------
 

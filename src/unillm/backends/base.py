@@ -98,6 +98,10 @@ class Backend(ABC):
     async def aclose(self) -> None:
         """Free the model's memory; idempotent."""
 
+    def max_concurrency(self) -> int | None:
+        """How many requests ``Engine.batch`` keeps in flight on this model (None: all at once)."""
+        return None
+
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model (device, offload, KV cache...) for ``unillm models``."""
         return {}

@@ -7,7 +7,8 @@ computes, so other models and the caller's threads keep running.
 
 Registry options (``options:`` of an entry): ``n_gpu_layers`` (``auto``: all layers when this build can
 offload to a GPU, else none), ``n_threads`` / ``n_threads_batch`` (default: ``UNILLM_N_THREADS`` or half
-the CPUs), ``n_batch``, ``flash_attn``, ``use_mmap``, ``chat_template`` (override the GGUF's).
+the CPUs), ``n_batch``, ``flash_attn``, ``use_mmap``, ``chat_template`` (override the GGUF's), ``parallel``
+(sequence slots decoded together by continuous batching; with more than one, threads default to all CPUs).
 
 Example:
     >>> from unillm import Engine
@@ -18,23 +19,22 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import random
 import threading
-import time
 from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import BackendNotInstalledError, ConfigError, GenerationError, InvalidRequestError, ModelLoadError
 from ..params import fit_max_tokens
 from ..registry import resolve_file
-from ..system import default_threads
-from ..types import Usage
-from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate
+from ..system import cpu_count, default_threads
+from ._text import TokenText
+from .llamacpp_batch import Batcher, SeqJob, check_batchable
+from .base import Backend, Capabilities, Generation, Piece, Request
 
 try:
     import llama_cpp
@@ -69,22 +69,13 @@ class LlamaCppOptions(BaseModel):
     flash_attn: bool = False
     use_mmap: bool = True
     chat_template: str | None = None
+    #: Sequence slots decoded together (continuous batching); 1 runs one request at a time.
+    parallel: int = Field(1, ge=1, le=256)
 
 
 def gpu_offload_supported() -> bool:
     """Whether this llama-cpp-python build can put layers on a GPU (CUDA, Metal, Vulkan...)."""
     return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-def _stop_holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters of ``text`` could be the start of a stop string."""
-    keep = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:n]):
-                keep = n
-                break
-    return keep
 
 
 def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> Callable[[Any, Any], Any]:
@@ -121,6 +112,7 @@ class LlamaCppBackend(Backend):
         self._executor: ThreadPoolExecutor | None = None
         self._cancels: set[threading.Event] = set()
         self._info: dict[str, Any] = {}
+        self._batcher: Batcher | None = None
 
     # -- load / close -------------------------------------------------------------------------------
 
@@ -139,7 +131,9 @@ class LlamaCppBackend(Backend):
         o = self.options
         offload = gpu_offload_supported()
         n_gpu_layers = (-1 if offload else 0) if o.n_gpu_layers == "auto" else o.n_gpu_layers
-        threads = o.n_threads or default_threads()
+        # A batching context serves many sequences at once, as batch jobs that own the machine do: all
+        # CPUs. One sequence at a time: half of them (two spinning threads on two CPUs stall, see README).
+        threads = o.n_threads or (cpu_count() if o.parallel > 1 else default_threads())
         try:
             llm = llama_cpp.Llama(
                 model_path=path,
@@ -168,8 +162,15 @@ class LlamaCppBackend(Backend):
             bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
             stop_token_ids=[eos],
         )
+        if o.parallel > 1:
+            try:
+                self._batcher = Batcher(llm, self.spec.name, o.parallel, self.spec.context_window, threads, o.n_batch)
+            except BaseException:
+                llm.close()
+                raise
         self._llm = llm
         self._info = {
+            "parallel": o.parallel,
             "path": path,
             "n_ctx": llm.n_ctx(),
             "n_ctx_train": llm.n_ctx_train() if hasattr(llm, "n_ctx_train") else None,
@@ -182,6 +183,10 @@ class LlamaCppBackend(Backend):
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
+    def max_concurrency(self) -> int | None:
+        # Keep every slot busy with one request queued behind it; more would only tokenize early.
+        return 2 * self.options.parallel if self._batcher is not None else 1
+
     async def aclose(self) -> None:
         for ev in list(self._cancels):
             ev.set()
@@ -189,6 +194,9 @@ class LlamaCppBackend(Backend):
         if executor is None:
             return
         llm, self._llm = self._llm, None
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            await asyncio.to_thread(batcher.close)
         if llm is not None:
             await asyncio.get_running_loop().run_in_executor(executor, llm.close)
         await asyncio.to_thread(executor.shutdown, True)
@@ -249,54 +257,51 @@ class LlamaCppBackend(Backend):
         p = request.params
         llm.set_seed(p.seed if p.seed is not None else random.randint(0, 2**31 - 1))
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, sent, n, first_at, finish, cut = "", 0, 0, None, "length", False
-        gen: Generator[int, Any, None] = llm.generate(
-            tokens, temp=p.temperature, top_p=p.top_p, reset=True,
-            **{k: v for k, v in kw.items() if k != "logits_processor"}, logits_processor=kw["logits_processor"],
-        )
+        out = TokenText(request, len(tokens), max_tokens, stops)
+        gen: Generator[int, Any, None] = llm.generate(tokens, temp=p.temperature, top_p=p.top_p, reset=True, **kw)
         try:
             for token in gen:
                 if failures:
                     raise GenerationError(self.spec.name, f"a logits processor raised {failures[0]!r}") from failures[0]
-                if first_at is None:
-                    first_at = time.perf_counter()
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
+                    out.end_of_generation()
                     break
-                n += 1
-                text += decoder.decode(llm.detokenize([token]))
-                hit = [text.index(s) for s in stops if s in text]
-                if hit:
-                    text, finish, cut = text[: min(hit)], "stop", True
+                if out.add(llm.detokenize([token])):
                     break
                 if cancel.is_set():
-                    finish = "cancelled"
+                    out.finish = "cancelled"
                     break
-                if n >= max_tokens:
-                    break
-                if emit is not None:
-                    upto = len(text) - _stop_holdback(text, stops)
-                    if upto > sent:
-                        emit(Piece(text[sent:upto]))
-                        sent = upto
+                if emit is not None and (text := out.pending()):
+                    emit(Piece(text))
         finally:
             gen.close()
-        if not cut:
-            text += decoder.decode(b"", final=True)
-        end = time.perf_counter()
-        usage = Usage(len(tokens), n)
-        ttft = None if first_at is None else first_at - request.started
-        rate = decode_rate(n, first_at, end)
+        result = out.result()
         if emit is not None:
-            emit(Piece(text[sent:], finish, usage, ttft, rate))
-        return Generation(text, finish, usage, ttft, rate)
+            emit(out.last_piece(result))
+        return result
+
+    def _job(self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None) -> SeqJob:
+        """Tokenize and check a request for the batcher (on the worker thread)."""
+        check_batchable(self.spec.name, request.params.extra)
+        sampling = self._sampling(request, [])
+        tokens, max_tokens, stops = self._tokens(request)
+        return SeqJob(request, tokens, TokenText(request, len(tokens), max_tokens, stops), sampling, emit, cancel)
+
+    async def _start(
+        self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None
+    ) -> asyncio.Future[Generation]:
+        """Start a request: on the single-sequence worker, or as a sequence of the batcher."""
+        if self._batcher is None:
+            return self._submit(self._run, request, cancel, emit)
+        job: SeqJob = await self._submit(self._job, request, cancel, emit)
+        self._batcher.submit(job)
+        return asyncio.wrap_future(job.future)
 
     async def generate(self, request: Request) -> Generation:
         cancel = threading.Event()
         self._cancels.add(cancel)
         try:
-            return await self._submit(self._run, request, cancel, None)  # type: ignore[no-any-return]
+            return await (await self._start(request, cancel, None))
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -312,7 +317,11 @@ class LlamaCppBackend(Backend):
         def emit(piece: Piece) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, piece)
 
-        job = self._submit(self._run, request, cancel, emit)
+        try:
+            job = await self._start(request, cancel, emit)
+        except BaseException:
+            self._cancels.discard(cancel)
+            raise
 
         def on_done(f: asyncio.Future[Any]) -> None:
             if not f.cancelled() and (exc := f.exception()) is not None:

@@ -1,0 +1,76 @@
+"""Generated tokens to text, shared by the token loops: UTF-8 split across tokens, stop strings held
+back until they cannot match, token counts and timings."""
+
+from __future__ import annotations
+
+import codecs
+import time
+
+from ..types import Usage
+from .base import Generation, Piece, Request, decode_rate
+
+
+def stop_holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep
+
+
+class TokenText:
+    """The answer of one sequence as its tokens arrive."""
+
+    def __init__(self, request: Request, prompt_tokens: int, max_tokens: int, stops: list[str]) -> None:
+        self.request = request
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.stops = stops
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.sent = 0
+        self.n = 0
+        self.first_at: float | None = None
+        self.finish = "length"
+        self._cut = False
+
+    def _tick(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+
+    def end_of_generation(self) -> None:
+        """The model produced its end token."""
+        self._tick()
+        self.finish = "stop"
+
+    def add(self, piece: bytes) -> bool:
+        """Append one generated token's bytes; True when the answer is complete."""
+        self._tick()
+        self.n += 1
+        self.text += self._decoder.decode(piece)
+        hits = [self.text.index(s) for s in self.stops if s in self.text]
+        if hits:
+            self.text, self.finish, self._cut = self.text[: min(hits)], "stop", True
+            return True
+        return self.n >= self.max_tokens
+
+    def pending(self) -> str:
+        """New text that can be streamed now (none that could still turn out to be a stop string)."""
+        upto = len(self.text) - stop_holdback(self.text, self.stops)
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : upto], upto
+        return out
+
+    def result(self) -> Generation:
+        if not self._cut:
+            self.text += self._decoder.decode(b"", final=True)
+        ttft = None if self.first_at is None else self.first_at - self.request.started
+        rate = decode_rate(self.n, self.first_at, time.perf_counter())
+        return Generation(self.text, self.finish, Usage(self.prompt_tokens, self.n), ttft, rate)
+
+    def last_piece(self, result: Generation) -> Piece:
+        return Piece(result.text[self.sent :], result.finish_reason, result.usage, result.ttft_s, result.decode_tokens_per_s)

@@ -1,0 +1,251 @@
+"""Continuous batching for GGUF models: one llama.cpp context with several sequence slots.
+
+One thread owns the context. Each step it puts every active sequence into one ``llama_decode`` (the next
+token of those generating, a chunk of the prompt of those just admitted), samples each sequence with its own
+sampler chain, and admits waiting requests into slots as others finish. Async callers, ``Engine.batch`` and
+threads all share it. Sampling mirrors llama-cpp-python's ``Llama`` (penalties, grammar, top-k, typical,
+top-p, min-p, temperature, seeded dist; greedy at temperature 0). ``logits_processor`` and mirostat need the
+single-sequence path (``parallel: 1``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from ..errors import GenerationError, ModelLoadError, UnsupportedFeatureError
+from ._text import TokenText
+from .base import Generation, Piece, Request
+
+_PENALTY_LAST_N = 64  # Llama's last_n_tokens_size
+
+
+@dataclass
+class SeqJob:
+    """One request for the batcher; ``future`` gets its Generation or its exception."""
+
+    request: Request
+    tokens: list[int]
+    text: TokenText
+    sampling: dict[str, Any]
+    emit: Callable[[Piece], None] | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: concurrent.futures.Future[Generation] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class _Slot:
+    seq: int
+    job: SeqJob
+    sampler: Any
+    pos: int = 0
+    prompt_left: list[int] = field(default_factory=list)
+    last_token: int = -1
+
+
+def unsupported_in_batch(extra: dict[str, Any]) -> str | None:
+    if extra.get("logits_processor") is not None:
+        return "logits_processor"
+    if extra.get("mirostat_mode"):
+        return "mirostat_mode"
+    return None
+
+
+class Batcher:
+    """Owns a llama.cpp context with ``n_seq`` slots of ``n_ctx_seq`` tokens each, and its thread."""
+
+    def __init__(self, llm: Any, name: str, n_seq: int, n_ctx_seq: int, n_threads: int, n_batch: int) -> None:
+        self.llm = llm
+        self.name = name
+        self.n_seq = n_seq
+        self.n_batch = max(n_batch, n_seq)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_seq * n_ctx_seq
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = n_threads
+        params.flash_attn_type = 0  # disabled, as Llama's default: same numbers as the single path
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        if not self.ctx:
+            raise ModelLoadError(name, f"llama.cpp could not create a context with {n_seq} sequences")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.jobs: queue.SimpleQueue[SeqJob | None] = queue.SimpleQueue()
+        self.slots: list[_Slot | None] = [None] * n_seq
+        self.waiting: list[SeqJob] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"unillm-batch-{name}", daemon=True)
+        self._thread.start()
+
+    # -- public -------------------------------------------------------------------------------------
+
+    def submit(self, job: SeqJob) -> None:
+        if self._closing:
+            raise GenerationError(self.name, "the model was unloaded")
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        """Cancel what is running, stop the thread, free the context."""
+        if self._closing:
+            return
+        self._closing = True
+        self.jobs.put(None)
+        self._thread.join()
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            busy = any(self.slots) or self.waiting
+            try:
+                job = self.jobs.get(block=not busy)
+                while True:
+                    if job is None:
+                        self._shutdown()
+                        return
+                    self.waiting.append(job)
+                    job = self.jobs.get_nowait()
+            except queue.Empty:
+                pass
+            self._admit()
+            if any(self.slots):
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - fail what was in the batch, keep serving
+                    for slot in self.slots:
+                        if slot is not None:
+                            self._fail(slot, GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
+
+    def _shutdown(self) -> None:
+        for slot in self.slots:
+            if slot is not None:
+                slot.job.cancel.set()
+                self._finish(slot)
+        for job in self.waiting:
+            job.future.set_exception(GenerationError(self.name, "the model was unloaded"))
+
+    def _admit(self) -> None:
+        for i, slot in enumerate(self.slots):
+            if slot is None and self.waiting:
+                job = self.waiting.pop(0)
+                if job.cancel.is_set():
+                    job.text.finish = "cancelled"
+                    self._resolve(job)
+                    continue
+                self.slots[i] = _Slot(i, job, self._sampler(job), prompt_left=list(job.tokens))
+
+    def _sampler(self, job: SeqJob) -> Any:
+        kw, p = job.sampling, job.request.params
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        add(llama_cpp.llama_sampler_init_penalties(
+            self.n_vocab, _PENALTY_LAST_N, kw["repeat_penalty"], kw["frequency_penalty"], kw["presence_penalty"]))
+        if kw["grammar"] is not None:
+            add(llama_cpp.llama_sampler_init_grammar(self.vocab, kw["grammar"]._grammar.encode("utf-8"), b"root"))
+        if p.temperature == 0.0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_k(kw["top_k"]))
+            add(llama_cpp.llama_sampler_init_typical(kw["typical_p"], 1))
+            add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(kw["min_p"], 1))
+            add(llama_cpp.llama_sampler_init_temp(p.temperature))
+            seed = p.seed if p.seed is not None else random.randint(0, 2**31 - 1)
+            add(llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self) -> None:
+        b, n, outputs = self.batch, 0, []
+        for slot in self.slots:
+            if slot is None:
+                continue
+            if slot.job.cancel.is_set():
+                slot.job.text.finish = "cancelled"
+                self._finish(slot)
+                continue
+            if slot.prompt_left:  # a prompt, in chunks that fit beside the others
+                room = self.n_batch - n - sum(1 for s in self.slots if s is not None and not s.prompt_left)
+                take = slot.prompt_left[: max(room, 0)]
+                if not take:
+                    continue
+                del slot.prompt_left[: len(take)]
+                for k, tok in enumerate(take):
+                    last = k == len(take) - 1 and not slot.prompt_left
+                    self._put(b, n, tok, slot.pos, slot.seq, last)
+                    if last:
+                        outputs.append((slot, n))
+                    slot.pos += 1
+                    n += 1
+            else:
+                if n >= self.n_batch:
+                    continue
+                self._put(b, n, slot.last_token, slot.pos, slot.seq, True)
+                outputs.append((slot, n))
+                slot.pos += 1
+                n += 1
+        if n == 0:
+            return
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for slot, idx in outputs:
+            token = llama_cpp.llama_sampler_sample(slot.sampler, self.ctx, idx)
+            text = slot.job.text
+            if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                text.end_of_generation()
+                self._finish(slot)
+            elif text.add(self.llm.detokenize([token])):
+                self._finish(slot)
+            else:
+                slot.last_token = token
+                if slot.job.emit is not None and (new := text.pending()):
+                    slot.job.emit(Piece(new))
+
+    @staticmethod
+    def _put(b: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
+    def _release(self, slot: _Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        llama_cpp.llama_sampler_free(slot.sampler)
+        self.slots[slot.seq] = None
+
+    def _finish(self, slot: _Slot) -> None:
+        self._release(slot)
+        self._resolve(slot.job)
+
+    def _resolve(self, job: SeqJob) -> None:
+        if job.future.done():  # its caller was cancelled and went away
+            return
+        result = job.text.result()
+        if job.emit is not None:
+            job.emit(job.text.last_piece(result))
+        job.future.set_result(result)
+
+    def _fail(self, slot: _Slot, exc: BaseException) -> None:
+        self._release(slot)
+        if not slot.job.future.done():
+            slot.job.future.set_exception(exc)
+
+
+def check_batchable(name: str, extra: dict[str, Any]) -> None:
+    key = unsupported_in_batch(extra)
+    if key is not None:
+        raise UnsupportedFeatureError("llamacpp", f"extra {key!r} with parallel sequences ({name}: options.parallel > 1; use parallel: 1)")
