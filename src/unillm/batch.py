@@ -64,7 +64,6 @@ async def run_batch(
     progress: bool = True,
     concurrency: int | None = None,
     on_result: Callable[[BatchResult], None] | None = None,
-    stats: BatchStats | None = None,
 ) -> list[BatchResult]:
     """Run on the engine's loop. Loads the model first: a model that cannot load fails the whole batch."""
     from tqdm.auto import tqdm
@@ -72,7 +71,7 @@ async def run_batch(
     _, backend, _, _ = await core.serving(model)
     limit = concurrency or backend.max_concurrency() or len(items) or 1
     gate = asyncio.Semaphore(limit)
-    stats = stats if stats is not None else BatchStats()
+    stats = BatchStats()
     stats.started = time.perf_counter()
     bar = tqdm(total=len(items), desc=model, unit="doc", disable=not progress, dynamic_ncols=True)
 

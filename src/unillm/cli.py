@@ -2,6 +2,8 @@
 
     unillm chat MODEL "prompt"        stream an answer to the terminal (prompt "-" or none: read stdin)
     unillm models                     the registry: name, backend, source, context, can it run here
+    unillm batch IN.jsonl -o OUT.jsonl --model NAME [--template FILE] [--field text]
+                                      a resumable batch job (re-run the same command to resume)
     unillm doctor                     this machine: CPUs, memory, GPUs, backends, Ollama, what runs here
     unillm recommend --task code --users 20 [--stage production]
                                       the model guide's pick, applied to this machine
@@ -45,6 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--json", action="store_true", help="one JSON object per model")
     _add_config(models)
+
+    job = sub.add_parser("batch", help="run a resumable batch job over a JSONL file")
+    job.add_argument("input", help="JSONL: one record per line with an 'id' and 'messages' or a text field")
+    job.add_argument("-o", "--output", required=True, help="JSONL results, appended; existing ids are skipped")
+    job.add_argument("-m", "--model", required=True)
+    job.add_argument("--template", help="prompt template file; $text (or $FIELD) is replaced by the record's text")
+    job.add_argument("--field", default="text", help="the record's text field (default: text)")
+    job.add_argument("--retry-failed", action="store_true", help="redo records whose result was an error")
+    job.add_argument("-t", "--temperature", type=float)
+    job.add_argument("-n", "--max-tokens", type=int)
+    job.add_argument("--seed", type=int)
+    job.add_argument("--no-progress", action="store_true")
+    _add_config(job)
 
     doc = sub.add_parser("doctor", help="what this machine has and which models can run on it")
     doc.add_argument("--json", action="store_true")
@@ -136,6 +151,22 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .jobs import run_job
+
+    params = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens), ("seed", args.seed)) if v is not None}
+    with Engine(args.config) as engine:
+        summary = run_job(
+            engine, args.input, args.output, args.model, template=args.template, text_field=args.field,
+            retry_failed=args.retry_failed, progress=not args.no_progress, **params,
+        )
+    print(summary, file=sys.stderr)
+    for err in summary.errors[:20]:
+        print(f"  {err}", file=sys.stderr)
+    return 1 if summary.failed or summary.invalid else 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import doctor, format_report
     from .registry import Registry
@@ -162,7 +193,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"chat": _cmd_chat, "models": _cmd_models, "doctor": _cmd_doctor, "recommend": _cmd_recommend}[args.command]
+    handler = {
+        "chat": _cmd_chat, "models": _cmd_models, "batch": _cmd_batch, "doctor": _cmd_doctor, "recommend": _cmd_recommend,
+    }[args.command]
     try:
         return handler(args)
     except UnillmError as exc:

@@ -17,7 +17,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 from .backends import backend_class
@@ -327,7 +327,7 @@ class Engine:
 
     def batch(
         self, model: str, items: Sequence[Messages], *, progress: bool = True, concurrency: int | None = None,
-        temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
+        on_result: Callable[[BatchResult], None] | None = None, temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
         stop: str | list[str] | None = None, seed: int | None = None, extra: Mapping[str, Any] | None = None,
     ) -> list[BatchResult]:
         """Answer many items (message lists or prompt strings); results come back in input order.
@@ -335,7 +335,8 @@ class Engine:
         An item that fails (too long, bad messages) gets a result with ``error`` set and does not stop the
         others. GGUF models with ``options.parallel`` > 1 decode many items per step; ``concurrency`` caps how
         many are in flight (default: what the backend can use). ``progress`` shows a tqdm bar (terminal or
-        Jupyter) with documents/s and tokens/s.
+        Jupyter) with documents/s and tokens/s. ``on_result`` is called with each result as it completes
+        (on the engine's thread: keep it quick), e.g. to append it to a file.
 
         Example:
             >>> from unillm import Engine
@@ -345,18 +346,20 @@ class Engine:
         """
         self._check_open()
         params = _params(temperature, top_p, max_tokens, stop, seed, extra)
-        return self._loop.run(run_batch(self._core, model, items, params, progress=progress, concurrency=concurrency))
+        return self._loop.run(
+            run_batch(self._core, model, items, params, progress=progress, concurrency=concurrency, on_result=on_result)
+        )
 
     async def abatch(
         self, model: str, items: Sequence[Messages], *, progress: bool = True, concurrency: int | None = None,
-        temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
+        on_result: Callable[[BatchResult], None] | None = None, temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
         stop: str | list[str] | None = None, seed: int | None = None, extra: Mapping[str, Any] | None = None,
     ) -> list[BatchResult]:
         """The async twin of :meth:`batch`."""
         self._check_open()
         params = _params(temperature, top_p, max_tokens, stop, seed, extra)
         return await self._loop.run_async(
-            run_batch(self._core, model, items, params, progress=progress, concurrency=concurrency)
+            run_batch(self._core, model, items, params, progress=progress, concurrency=concurrency, on_result=on_result)
         )
 
     # -- models -------------------------------------------------------------------------------------

@@ -164,7 +164,9 @@ class LlamaCppBackend(Backend):
         )
         if o.parallel > 1:
             try:
-                self._batcher = Batcher(llm, self.spec.name, o.parallel, self.spec.context_window, threads, o.n_batch)
+                self._batcher = Batcher(
+                    llm, self.spec.name, o.parallel, self.spec.context_window, threads, o.n_batch, o.flash_attn
+                )
             except BaseException:
                 llm.close()
                 raise

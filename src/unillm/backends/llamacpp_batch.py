@@ -61,7 +61,9 @@ def unsupported_in_batch(extra: dict[str, Any]) -> str | None:
 class Batcher:
     """Owns a llama.cpp context with ``n_seq`` slots of ``n_ctx_seq`` tokens each, and its thread."""
 
-    def __init__(self, llm: Any, name: str, n_seq: int, n_ctx_seq: int, n_threads: int, n_batch: int) -> None:
+    def __init__(
+        self, llm: Any, name: str, n_seq: int, n_ctx_seq: int, n_threads: int, n_batch: int, flash_attn: bool = False
+    ) -> None:
         self.llm = llm
         self.name = name
         self.n_seq = n_seq
@@ -71,7 +73,7 @@ class Batcher:
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = n_threads
-        params.flash_attn_type = 0  # disabled, as Llama's default: same numbers as the single path
+        params.flash_attn_type = 1 if flash_attn else 0  # explicit, as Llama does: same numbers as the single path
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
         if not self.ctx:
