@@ -4,6 +4,7 @@
     unillm models                     the registry: name, backend, source, context, can it run here
     unillm batch IN.jsonl -o OUT.jsonl --model NAME [--template FILE] [--field text]
                                       a resumable batch job (re-run the same command to resume)
+    unillm serve [--port 11434]       the Ollama and OpenAI HTTP APIs over the registry, for other tools
     unillm doctor                     this machine: CPUs, memory, GPUs, backends, Ollama, what runs here
     unillm recommend --task code --users 20 [--stage production]
                                       the model guide's pick, applied to this machine
@@ -60,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--seed", type=int)
     job.add_argument("--no-progress", action="store_true")
     _add_config(job)
+
+    srv = sub.add_parser("serve", help="serve the registry over HTTP: the Ollama API and the OpenAI API")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=11434)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set UNILLM_API_KEY)")
+    srv.add_argument("--load", action="append", metavar="MODEL", help="load a model before serving (repeatable)")
+    _add_config(srv)
 
     doc = sub.add_parser("doctor", help="what this machine has and which models can run on it")
     doc.add_argument("--json", action="store_true")
@@ -167,6 +175,21 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 1 if summary.failed or summary.invalid else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .serve import serve
+    except ImportError as exc:
+        raise SystemExit(f"unillm serve needs starlette and uvicorn: pip install 'unillm[serve]' ({exc})") from exc
+    from . import __version__
+
+    print(f"unillm {__version__} serving on http://{args.host}:{args.port} "
+          "(Ollama API under /api, OpenAI API under /v1)", flush=True)
+    serve(args.host, args.port, args.api_key or os.environ.get("UNILLM_API_KEY"), args.config, args.load)
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import doctor, format_report
     from .registry import Registry
@@ -194,7 +217,8 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {
-        "chat": _cmd_chat, "models": _cmd_models, "batch": _cmd_batch, "doctor": _cmd_doctor, "recommend": _cmd_recommend,
+        "chat": _cmd_chat, "models": _cmd_models, "batch": _cmd_batch, "serve": _cmd_serve, "doctor": _cmd_doctor,
+        "recommend": _cmd_recommend,
     }[args.command]
     try:
         return handler(args)

@@ -111,7 +111,7 @@ class _Core:
     ) -> tuple[ModelSpec, Backend, Request, float, _Fallback | None]:
         msgs = validate_messages(messages)
         spec, backend, load_s, fallback = await self.serving(model)
-        sampling = merge_params(spec.defaults.model_dump(), params)
+        sampling = merge_params({**backend.sampling_defaults(), **spec.defaults.model_dump(exclude_none=True)}, params)
         return spec, backend, Request(new_request_id(), msgs, sampling), load_s, fallback
 
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:

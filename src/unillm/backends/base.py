@@ -98,6 +98,10 @@ class Backend(ABC):
     async def aclose(self) -> None:
         """Free the model's memory; idempotent."""
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Defaults the model itself carries (an Ollama Modelfile's parameters), under the registry's."""
+        return {}
+
     def max_concurrency(self) -> int | None:
         """How many requests ``Engine.batch`` keeps in flight on this model (None: all at once)."""
         return None

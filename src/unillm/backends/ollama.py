@@ -1,0 +1,238 @@
+"""Ollama models: through the official ``ollama`` client, or from Ollama's store without the daemon.
+
+With a daemon, requests go to ``/api/chat`` on the entry's ``options.host`` (else ``OLLAMA_HOST``, else
+127.0.0.1:11434) with ``num_ctx`` set to the registry's context window, so Ollama's own default (and its
+silent truncation) does not apply. Without one, ``options.local_store`` decides: ``fallback`` (default) loads
+the GGUF that ``ollama pull`` stored (sha256-checked) in-process with llama.cpp, applying the stored
+parameters and system prompt; ``always`` does so even when a daemon runs; ``never`` raises.
+
+Registry options: ``host``, ``keep_alive``, ``timeout`` (seconds), ``concurrency`` (requests in flight in
+a batch), ``local_store``, ``store`` (the store's folder; default ``OLLAMA_MODELS`` or ``~/.ollama/models``),
+``llamacpp`` (options for the in-process path).
+
+Example:
+    >>> from unillm import Engine
+    >>> with Engine() as engine:                                     # doctest: +SKIP
+    ...     engine.chat("llama3.1:8b", "Hello!").text
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .. import ollama_store
+from ..errors import (
+    BackendNotInstalledError,
+    BackendUnavailableError,
+    ConfigError,
+    GenerationError,
+    ModelLoadError,
+)
+from ..registry import ModelSpec, Source
+from ..system import ollama_host
+from ..types import Message, Usage
+from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate
+
+try:
+    import httpx
+    import ollama
+except ImportError as _exc:  # pragma: no cover
+    raise BackendNotInstalledError("ollama", "ollama", "ollama") from _exc
+
+
+class OllamaOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = None
+    keep_alive: str | float | None = None
+    timeout: float = 300.0
+    concurrency: int = 4
+    local_store: Literal["never", "fallback", "always"] = "fallback"
+    store: str | None = None
+    verify_sha256: bool = True
+    llamacpp: dict[str, Any] = {}
+
+
+class OllamaBackend(Backend):
+    name = "ollama"
+    capabilities = Capabilities(streaming=True, json_schema=True)
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        try:
+            self.options = OllamaOptions.model_validate(spec.options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = "options." + ".".join(str(p) for p in err["loc"])
+            msg = "unknown key for the ollama backend" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+        self.tag = spec.source.ollama or spec.name
+        self.host = ollama_host(spec)
+        self.client: ollama.AsyncClient | None = None
+        self.local: Backend | None = None
+        self.stored: ollama_store.StoredModel | None = None
+        self.served_from = ""
+
+    # -- load ---------------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        if self.options.local_store == "always":
+            await self._load_local()
+            return
+        client = ollama.AsyncClient(host=self.host, timeout=self.options.timeout)
+        try:
+            with self._mapped():
+                await client.show(self.tag)
+        except BackendUnavailableError as exc:
+            await client.close()
+            if self.options.local_store == "fallback" and self._in_store():
+                await self._load_local()
+                return
+            store = " (nor is it in the local Ollama store)" if self.options.local_store == "fallback" else ""
+            raise BackendUnavailableError(f"{exc}{store}") from exc
+        except BaseException:
+            await client.close()
+            raise
+        self.client = client
+        self.served_from = self.host
+
+    def _store_root(self) -> Path:
+        return Path(self.options.store).expanduser() if self.options.store else ollama_store.store_root()
+
+    def _in_store(self) -> bool:
+        host, ns, model, tag = ollama_store.split_name(self.tag)
+        return (self._store_root() / "manifests" / host / ns / model / tag).is_file()
+
+    async def _load_local(self) -> None:
+        import asyncio
+
+        from .llamacpp import LlamaCppBackend
+
+        stored = await asyncio.to_thread(
+            ollama_store.find, self.tag, self._store_root(), verify=self.options.verify_sha256
+        )
+        spec = self.spec.model_copy(
+            update={"backend": "llamacpp", "source": Source(path=str(stored.gguf)), "options": dict(self.options.llamacpp)}
+        )
+        local = LlamaCppBackend(spec)
+        await local.load()
+        self.stored, self.local = stored, local
+        self.served_from = f"the Ollama store ({stored.gguf}), in-process"
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        return ollama_store.sampling_defaults(self.stored.params) if self.stored else {}
+
+    def info(self) -> dict[str, Any]:
+        return {"served_from": self.served_from, "tag": self.tag, "host": self.host}
+
+    def max_concurrency(self) -> int | None:
+        return self.local.max_concurrency() if self.local is not None else self.options.concurrency
+
+    async def aclose(self) -> None:
+        local, self.local = self.local, None
+        if local is not None:
+            await local.aclose()
+        client, self.client = self.client, None
+        if client is not None:
+            await client.close()
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """Map the client's exceptions to unillm's, naming the host and the model."""
+        try:
+            yield
+        except ollama.ResponseError as exc:
+            if exc.status_code == 404:
+                raise ModelLoadError(
+                    self.spec.name, f"Ollama at {self.host} does not have {self.tag!r}: run `ollama pull {self.tag}`"
+                ) from exc
+            raise GenerationError(self.spec.name, f"Ollama at {self.host} answered: {exc}") from exc
+        except (ConnectionError, httpx.ConnectError) as exc:
+            raise BackendUnavailableError(
+                f"No Ollama daemon answers at {self.host} (model {self.spec.name!r}): start `ollama serve`, "
+                "or set options.host / OLLAMA_HOST"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise GenerationError(
+                self.spec.name, f"Ollama at {self.host} did not answer within {self.options.timeout:g} s"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise GenerationError(self.spec.name, f"the connection to Ollama at {self.host} broke: {exc!r}") from exc
+
+    def _with_system(self, request: Request) -> Request:
+        if self.stored and self.stored.system and not any(m.role == "system" for m in request.messages):
+            request.messages = [Message("system", self.stored.system), *request.messages]
+        return request
+
+    def _call(self, request: Request, stream: bool) -> dict[str, Any]:
+        p = request.params
+        extra = dict(p.extra)
+        fmt = extra.pop("format", None)
+        options: dict[str, Any] = {"temperature": p.temperature, "top_p": p.top_p, "num_ctx": self.spec.context_window}
+        if p.max_tokens is not None:
+            options["num_predict"] = p.max_tokens
+        if p.stop:
+            options["stop"] = p.stop
+        if p.seed is not None:
+            options["seed"] = p.seed
+        options.update(extra)  # Ollama's own options (top_k, repeat_penalty, num_gpu...), passed through
+        return {
+            "model": self.tag,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "options": options, "format": fmt, "keep_alive": self.options.keep_alive, "stream": stream,
+        }
+
+    async def generate(self, request: Request) -> Generation:
+        if self.local is not None:
+            return await self.local.generate(self._with_system(request))
+        assert self.client is not None
+        with self._mapped():
+            r = await self.client.chat(**self._call(request, stream=False))
+        return _generation(r, None, request)
+
+    async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
+        if self.local is not None:
+            pieces = self.local.stream(self._with_system(request))
+            try:
+                async for piece in pieces:
+                    yield piece
+            finally:
+                await pieces.aclose()
+            return
+        assert self.client is not None
+        first_at: float | None = None
+        with self._mapped():
+            chunks = await self.client.chat(**self._call(request, stream=True))
+            try:
+                async for c in chunks:
+                    text = c.message.content or ""
+                    if text and first_at is None:
+                        first_at = time.perf_counter()
+                    if c.done:
+                        g = _generation(c, first_at, request)
+                        yield Piece(text, g.finish_reason, g.usage, g.ttft_s, g.decode_tokens_per_s)
+                        return
+                    if text:
+                        yield Piece(text)
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]  # closes the HTTP stream: Ollama stops
+        raise GenerationError(self.spec.name, f"Ollama at {self.host} ended the stream without a final message")
+
+
+def _generation(r: Any, first_at: float | None, request: Request) -> Generation:
+    """Usage and timings from Ollama's counters (durations are nanoseconds)."""
+    n = r.eval_count or 0
+    ttft = first_at - request.started if first_at is not None else (
+        ((r.load_duration or 0) + (r.prompt_eval_duration or 0)) / 1e9 if r.prompt_eval_duration else None
+    )
+    rate = n / (r.eval_duration / 1e9) if r.eval_duration else decode_rate(n, first_at, time.perf_counter())
+    finish = "length" if r.done_reason == "length" else "stop"
+    return Generation(r.message.content or "", finish, Usage(r.prompt_eval_count or 0, n), ttft, rate)

@@ -1,0 +1,238 @@
+"""The Ollama backend end to end over real HTTP, `unillm serve` with the official clients, and Ollama's
+model store without the daemon. No Ollama daemon can be installed here: the tests start `unillm serve`
+(backed by the SmolLM2 GGUF) and point the official `ollama` client at it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import GREEDY, QUESTION
+from unillm import BackendUnavailableError, Engine, GenerationError, ModelLoadError, Registry
+from unillm.registry import resolve_file
+
+ollama = pytest.importorskip("ollama")
+openai = pytest.importorskip("openai")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "unillm", "serve", "--port", str(port), "--load", "smollm2", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/", timeout=1):
+                return proc, url
+        except urllib.error.HTTPError:  # it answers (401 when it wants a key): it is up
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("unillm serve exited")
+            time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("unillm serve did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server()
+    yield url
+    stop(proc)
+
+
+def via(url: str, tag: str = "smollm2", **options) -> str:
+    opts = {"host": url, "local_store": "never", **options}
+    return (f"models:\n  - name: remote\n    backend: ollama\n    source: {{ollama: {tag}}}\n    context_window: 2048\n"
+            f"    options: {json.dumps(opts)}\n")
+
+
+def test_ollama_backend_chat_and_stream(server, write_config):
+    with Engine(write_config(via(server))) as eng:
+        r = eng.chat("remote", QUESTION, max_tokens=32, **GREEDY)
+        assert "Paris" in r.text and r.backend == "ollama"
+        assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 32
+        assert r.timings.decode_tokens_per_s and r.timings.ttft_s is not None
+        chunks = list(eng.chat("remote", QUESTION, max_tokens=32, stream=True, **GREEDY))
+        assert "".join(c.text for c in chunks) == r.text
+        assert chunks[-1].usage == r.usage and chunks[-1].finish_reason == r.finish_reason
+        assert eng.backend("remote").info()["served_from"] == server
+
+
+def test_ollama_backend_answers_like_the_model_in_process(server, engine, write_config):
+    with Engine(write_config(via(server))) as eng:
+        remote = eng.chat("remote", QUESTION, max_tokens=32, **GREEDY).text
+    assert remote == engine.chat("smollm2", QUESTION, max_tokens=32, **GREEDY).text
+
+
+def test_official_client_list_show_ps_version(server):
+    with ollama.Client(host=server) as c:
+        assert "smollm2" in [m.model for m in c.list().models]
+        assert c.show("smollm2").modelinfo["unillm.context_window"] == 2048
+        assert "smollm2" in [m.model for m in c.ps().models]
+        assert c.generate(model="smollm2", prompt="Name a fruit.", options={"num_predict": 8}).done
+
+
+def test_model_not_pulled(server, write_config):
+    with Engine(write_config(via(server, tag="nope"))) as eng:
+        with pytest.raises(ModelLoadError) as e:
+            eng.chat("remote", QUESTION)
+    assert "ollama pull nope" in str(e.value) and server in str(e.value)
+
+
+def test_daemon_down(write_config):
+    port = free_port()  # nothing listens there
+    with Engine(write_config(via(f"127.0.0.1:{port}"))) as eng:
+        with pytest.raises(BackendUnavailableError) as e:
+            eng.chat("remote", QUESTION)
+        assert f"127.0.0.1:{port}" in str(e.value) and "'remote'" in str(e.value)
+        assert "Paris" in eng.chat("smollm2", QUESTION, max_tokens=32, **GREEDY).text
+
+
+def test_server_killed_mid_stream(write_config):
+    proc, url = start_server()
+    try:
+        with Engine(write_config(via(url))) as eng:
+            stream = eng.chat("remote", "Write a very long story about a dragon.", max_tokens=1000, stream=True, **GREEDY)
+            next(stream)
+            proc.kill()
+            proc.wait()
+            with pytest.raises(GenerationError) as e:
+                for _ in stream:
+                    pass
+            assert url in str(e.value)
+            with pytest.raises(BackendUnavailableError):
+                eng.chat("remote", QUESTION, max_tokens=8)
+    finally:
+        stop(proc)
+
+
+def test_openai_client_against_serve(server):
+    with openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0) as client:
+        check_openai(client)
+
+
+def check_openai(client):
+    assert "smollm2" in [m.id for m in client.models.list().data]
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=32, seed=0)
+    assert "Paris" in r.choices[0].message.content and r.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=32, seed=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2", messages=[{"role": "wizard", "content": "x"}])
+
+
+def test_api_key(write_config):
+    proc, url = start_server("--api-key", "s3cret")
+    try:
+        with ollama.Client(host=url) as c, pytest.raises(ollama.ResponseError) as e:
+            c.list()
+        assert e.value.status_code == 401
+        with ollama.Client(host=url, headers={"Authorization": "Bearer s3cret"}) as c:
+            assert c.list().models
+        with openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0) as o, pytest.raises(openai.AuthenticationError):
+            o.models.list()
+        with openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0) as o:
+            assert o.models.list().data
+    finally:
+        stop(proc)
+
+
+def blob(root, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "blobs" / digest.replace(":", "-")).write_bytes(data)
+    return digest
+
+
+def make_store(root, gguf: bytes, name="smolstore", tag="latest"):
+    layers = [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": blob(root, gguf), "size": len(gguf)},
+        {"mediaType": "application/vnd.ollama.image.params", "digest": blob(root, json.dumps({"temperature": 0, "num_predict": 24}).encode())},
+        {"mediaType": "application/vnd.ollama.image.system", "digest": blob(root, b"You are a helpful assistant. Answer briefly.")},
+    ]
+    mdir = root / "manifests" / "registry.ollama.ai" / "library" / name
+    mdir.mkdir(parents=True, exist_ok=True)
+    (mdir / tag).write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+    return root
+
+
+STORE_ENTRY = """models:
+  - name: from-store
+    backend: ollama
+    source: {{ollama: "smolstore:latest"}}
+    context_window: 2048
+    options: {{host: "127.0.0.1:{port}", store: "{store}", local_store: fallback,
+               llamacpp: {{parallel: 16, flash_attn: true}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gguf_bytes():
+    return resolve_file(Registry.load().get("smollm2")).read_bytes()
+
+
+def test_store_without_daemon_applies_params_and_system(tmp_path, gguf_bytes, engine, write_config):
+    store = make_store(tmp_path / "models", gguf_bytes)
+    cfg = write_config(STORE_ENTRY.format(port=free_port(), store=store))
+    with Engine(cfg) as eng:
+        r = eng.chat("from-store", [QUESTION[1]])  # no system message, no parameters: the store's apply
+        assert "in-process" in eng.backend("from-store").info()["served_from"]
+    direct = engine.chat("smollm2", QUESTION, temperature=0, max_tokens=24)
+    assert r.text == direct.text and "Paris" in r.text
+    assert r.usage == direct.usage  # the stored system prompt was there; max_tokens came from num_predict
+
+
+def test_tampered_blob_is_refused(tmp_path, gguf_bytes, write_config):
+    store = make_store(tmp_path / "models", gguf_bytes)
+    manifest = json.loads((store / "manifests/registry.ollama.ai/library/smolstore/latest").read_text())
+    model_blob = store / "blobs" / manifest["layers"][0]["digest"].replace(":", "-")
+    data = bytearray(model_blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_blob.write_bytes(bytes(data))
+    with Engine(write_config(STORE_ENTRY.format(port=free_port(), store=store))) as eng:
+        with pytest.raises(ModelLoadError) as e:
+            eng.chat("from-store", QUESTION)
+    assert "does not match its manifest" in str(e.value)
+
+
+def test_store_name_missing(tmp_path, write_config):
+    os.makedirs(tmp_path / "empty")
+    with Engine(write_config(STORE_ENTRY.format(port=free_port(), store=tmp_path / "empty"))) as eng:
+        with pytest.raises(BackendUnavailableError) as e:
+            eng.chat("from-store", QUESTION)
+    assert "local Ollama store" in str(e.value)
+    shutil.rmtree(tmp_path / "empty")
