@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--json", action="store_true", help="one JSON object per model")
+    models.add_argument("--load", action="append", metavar="MODEL",
+                        help="load this model and show what it reports (device, KV cache capacity...)")
     _add_config(models)
 
     job = sub.add_parser("batch", help="run a resumable batch job over a JSONL file")
@@ -68,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set UNILLM_API_KEY)")
     srv.add_argument("--load", action="append", metavar="MODEL", help="load a model before serving (repeatable)")
     _add_config(srv)
+
+    conv = sub.add_parser("convert", help="make the safetensors folder of a GGUF model (for vLLM and transformers)")
+    conv.add_argument("model", help="a registry model whose source is a GGUF (e.g. smollm2)")
+    _add_config(conv)
 
     doc = sub.add_parser("doctor", help="what this machine has and which models can run on it")
     doc.add_argument("--json", action="store_true")
@@ -144,9 +150,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 "why_not": reason,
             }
         )
+    if args.load:
+        from .engine import Engine
+
+        with Engine(registry=registry) as engine:
+            for name in args.load:
+                load_s = engine.load(name)
+                backend = engine.backend(name)
+                info = backend.info() if backend is not None else {}
+                row = next(r for r in rows if r["name"] == registry.get(name).name)
+                row["loaded"] = {"load_s": round(load_s, 2), **info}
     if args.json:
         for row in rows:
-            print(json.dumps(row))
+            print(json.dumps(row, default=str))
         return 0
     header = ("NAME", "BACKEND", "CONTEXT", "RUNS HERE", "SOURCE")
     table = [header] + [
@@ -156,6 +172,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    for r in rows:
+        if "loaded" in r:
+            facts = r["loaded"]
+            line = facts.get("max_concurrency_text") or ", ".join(f"{k}={v}" for k, v in facts.items() if k != "engine_args")
+            print(f"{r['name']}: loaded in {facts['load_s']} s; {line}")
     return 0
 
 
@@ -190,6 +211,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_gguf
+    from .registry import Registry
+
+    print(convert_gguf(args.model, Registry.load(args.config)))
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import doctor, format_report
     from .registry import Registry
@@ -217,8 +246,8 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {
-        "chat": _cmd_chat, "models": _cmd_models, "batch": _cmd_batch, "serve": _cmd_serve, "doctor": _cmd_doctor,
-        "recommend": _cmd_recommend,
+        "chat": _cmd_chat, "models": _cmd_models, "batch": _cmd_batch, "serve": _cmd_serve, "convert": _cmd_convert,
+        "doctor": _cmd_doctor, "recommend": _cmd_recommend,
     }[args.command]
     try:
         return handler(args)

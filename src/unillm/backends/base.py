@@ -12,10 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -116,3 +119,39 @@ def decode_rate(n_tokens: int, first_token_at: float | None, end: float) -> floa
     if first_token_at is None or n_tokens < 2 or end <= first_token_at:
         return None
     return (n_tokens - 1) / (end - first_token_at)
+
+
+async def pieces_from_worker(
+    start: Callable[[Callable[[Piece], None]], Awaitable[asyncio.Future[Generation]]], cancel: threading.Event
+) -> AsyncGenerator[Piece, None]:
+    """Stream the pieces that a worker thread emits, on the event loop.
+
+    ``start(emit)`` begins the work and returns the future of its Generation; the worker calls ``emit``
+    from its own thread. Closed or cancelled early, this sets ``cancel`` and waits until the worker has let
+    go of the model, so the next request finds it free.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+
+    def emit(piece: Piece) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+    job = await start(emit)
+
+    def on_done(f: asyncio.Future[Generation]) -> None:
+        if not f.cancelled() and (exc := f.exception()) is not None:
+            queue.put_nowait(exc)
+
+    job.add_done_callback(on_done)
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                break
+    finally:
+        cancel.set()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(job)

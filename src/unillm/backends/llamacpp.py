@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator
@@ -34,7 +33,7 @@ from ..registry import resolve_file
 from ..system import cpu_count, default_threads
 from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
-from .base import Backend, Capabilities, Generation, Piece, Request
+from .base import Backend, Capabilities, Generation, Piece, Request, pieces_from_worker
 
 try:
     import llama_cpp
@@ -311,36 +310,12 @@ class LlamaCppBackend(Backend):
             self._cancels.discard(cancel)
 
     async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
         cancel = threading.Event()
         self._cancels.add(cancel)
-
-        def emit(piece: Piece) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, piece)
-
+        pieces = pieces_from_worker(lambda emit: self._start(request, cancel, emit), cancel)
         try:
-            job = await self._start(request, cancel, emit)
-        except BaseException:
-            self._cancels.discard(cancel)
-            raise
-
-        def on_done(f: asyncio.Future[Any]) -> None:
-            if not f.cancelled() and (exc := f.exception()) is not None:
-                queue.put_nowait(exc)
-
-        job.add_done_callback(on_done)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    break
+            async for piece in pieces:
+                yield piece
         finally:
-            # Closed or cancelled early: stop the token loop and wait until it let go of the model.
-            cancel.set()
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(job)
+            await pieces.aclose()
             self._cancels.discard(cancel)

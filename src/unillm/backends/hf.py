@@ -1,0 +1,198 @@
+"""Hugging Face transformers in-process: a safetensors folder, its tokenizer's chat template, CPU or CUDA.
+
+It is also the greedy reference the other backends are compared with. One model generates one request at a
+time on its worker thread; tokens stream as ``generate`` produces them, and a request closed early stops at
+the next token.
+
+Registry options: ``device`` (``auto``: CUDA when torch sees a GPU, else CPU), ``dtype`` (``bfloat16``).
+
+Example:
+    >>> from unillm import Engine
+    >>> with Engine() as engine:                                     # doctest: +SKIP
+    ...     engine.chat("smollm2-hf", "What is the capital of France?", temperature=0).text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import BackendNotInstalledError, ConfigError, GenerationError, InvalidRequestError, ModelLoadError
+from ..convert import model_folder
+from ..params import fit_max_tokens
+from ..registry import ModelSpec
+from ._text import TokenText
+from .base import Backend, Capabilities, Generation, Piece, Request, pieces_from_worker
+
+try:
+    import torch
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+except ImportError as _exc:  # pragma: no cover
+    raise BackendNotInstalledError("hf", "transformers", "hf") from _exc
+
+
+class HFOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class _Tokens(BaseStreamer):  # type: ignore[misc]
+    """Receives each new token from ``generate`` and turns it into text with the shared TokenText."""
+
+    def __init__(self, tokenizer: Any, out: TokenText, eos: set[int], emit: Callable[[Piece], None] | None) -> None:
+        self.tokenizer, self.out, self.eos, self.emit = tokenizer, out, eos, emit
+        self.prompt_seen = False
+        self.ids: list[int] = []
+        self.decoded = ""
+        self.done = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # the first call is the prompt
+            self.prompt_seen = True
+            return
+        if self.done:
+            return
+        for tok in value.reshape(-1).tolist():
+            if tok in self.eos:
+                self.out.end_of_generation()
+                self.done = True
+                return
+            self.ids.append(tok)
+            full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if full.endswith("\ufffd"):  # half a character: count the token, wait for the rest of the text
+                new = ""
+            else:
+                new, self.decoded = full[len(self.decoded):], full
+            if self.out.add(new.encode("utf-8")):
+                self.done = True
+                return
+            if self.emit is not None and (text := self.out.pending()):
+                self.emit(Piece(text))
+
+    def end(self) -> None:
+        pass
+
+
+class _Stop(transformers.StoppingCriteria):  # type: ignore[misc]
+    def __init__(self, streamer: _Tokens, cancel: threading.Event) -> None:
+        self.streamer, self.cancel = streamer, cancel
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+        if self.cancel.is_set():
+            self.streamer.out.finish = "cancelled"
+            return True
+        return self.streamer.done
+
+
+class HFBackend(Backend):
+    name = "hf"
+    capabilities = Capabilities(streaming=True)
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        try:
+            self.options = HFOptions.model_validate(spec.options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = "options." + ".".join(str(p) for p in err["loc"])
+            msg = "unknown key for the hf backend" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+        self._executor: ThreadPoolExecutor | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = "cpu"
+
+    async def load(self) -> None:
+        folder = await asyncio.to_thread(model_folder, self.spec)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"unillm-hf-{self.spec.name}")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._load_sync, folder)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    def _load_sync(self, folder: Path) -> None:
+        o = self.options
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if o.device == "auto" else o.device
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, o.dtype))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(self.spec.name, f"transformers could not load {folder}: {exc}") from exc
+        self.model.to(self.device).eval()
+        if not self.tokenizer.chat_template:
+            raise ModelLoadError(self.spec.name, f"{folder} has no chat template (a base model?)")
+
+    def info(self) -> dict[str, Any]:
+        return {"device": self.device, "dtype": self.options.dtype, "transformers": transformers.__version__}
+
+    def max_concurrency(self) -> int | None:
+        return 1
+
+    async def aclose(self) -> None:
+        executor, self._executor = self._executor, None
+        self.model = None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True)
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def _run(self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None) -> Generation:
+        if self.model is None:
+            raise GenerationError(self.spec.name, "the model was unloaded")
+        if request.params.extra:
+            raise InvalidRequestError(f"the hf backend takes no extra options (got {sorted(request.params.extra)})")
+        msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+        ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        prompt = ids["input_ids"].to(self.device)
+        p = request.params
+        max_tokens = fit_max_tokens(self.spec.name, prompt.shape[1], self.spec.context_window, p)
+        out = TokenText(request, prompt.shape[1], max_tokens, list(p.stop))
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        streamer = _Tokens(self.tokenizer, out, eos_ids, emit)
+        sample = p.temperature > 0
+        if p.seed is not None:
+            torch.manual_seed(p.seed)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=prompt, attention_mask=ids["attention_mask"].to(self.device), max_new_tokens=max_tokens,
+                do_sample=sample, temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
+                top_k=None, streamer=streamer, stopping_criteria=transformers.StoppingCriteriaList([_Stop(streamer, cancel)]),
+                pad_token_id=self.tokenizer.pad_token_id or next(iter(eos_ids), None),
+            )
+        result = out.result()
+        if emit is not None:
+            emit(out.last_piece(result))
+        return result
+
+    def _submit(self, *args: Any) -> asyncio.Future[Generation]:
+        if self._executor is None:
+            raise GenerationError(self.spec.name, "the model was unloaded")
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._run, *args)
+
+    async def generate(self, request: Request) -> Generation:
+        cancel = threading.Event()
+        try:
+            return await self._submit(request, cancel, None)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
+        cancel = threading.Event()
+
+        async def start(emit: Callable[[Piece], None]) -> asyncio.Future[Generation]:
+            return self._submit(request, cancel, emit)
+
+        return pieces_from_worker(start, cancel)

