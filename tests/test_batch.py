@@ -10,10 +10,9 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from conftest import GREEDY, QUESTION
-from unillm import ContextWindowExceededError, Engine
+from conftest import GREEDY
+from unillm import ContextWindowExceededError
 from unillm.jobs import run_job
 
 PROMPTS = [f"Name an animal that starts with the letter {c}." for c in "BCDFGHKLMP"]

@@ -174,3 +174,11 @@ def test_script_without_main_guard_gets_told_how(tmp_path):
     """)
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'if __name__ == "__main__":' in out.stdout
+
+
+def test_models_cli_shows_kv_capacity_after_load():
+    out = subprocess.run([sys.executable, "-m", "unillm", "models", "--load", "smollm2-vllm"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "smollm2-vllm: loaded in" in out.stdout
+    assert "maximum concurrency for 2048-token requests: " in out.stdout

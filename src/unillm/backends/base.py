@@ -20,8 +20,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from ..errors import ConfigError
 from ..params import SamplingParams
 from ..registry import ModelSpec
 from ..types import Message, Usage
@@ -112,6 +115,20 @@ class Backend(ABC):
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model (device, offload, KV cache...) for ``unillm models``."""
         return {}
+
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+def parse_options(model: type[OptionsT], spec: ModelSpec) -> OptionsT:
+    """A registry entry's ``options`` as the backend's pydantic model; a typo names the file and key."""
+    try:
+        return model.model_validate(spec.options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = "options." + ".".join(str(p) for p in err["loc"])
+        msg = f"unknown key for the {spec.backend} backend" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
 
 
 def decode_rate(n_tokens: int, first_token_at: float | None, end: float) -> float | None:

@@ -21,14 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from ..errors import BackendNotInstalledError, ConfigError, GenerationError, InvalidRequestError, ModelLoadError
+from ..errors import BackendNotInstalledError, GenerationError, InvalidRequestError, ModelLoadError
 from ..convert import model_folder
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ._text import TokenText
-from .base import Backend, Capabilities, Generation, Piece, Request, pieces_from_worker
+from .base import Backend, Capabilities, Generation, Piece, Request, pieces_from_worker, parse_options
 
 try:
     import torch
@@ -99,13 +99,7 @@ class HFBackend(Backend):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
-        try:
-            self.options = HFOptions.model_validate(spec.options)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = "options." + ".".join(str(p) for p in err["loc"])
-            msg = "unknown key for the hf backend" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+        self.options = parse_options(HFOptions, spec)
         self._executor: ThreadPoolExecutor | None = None
         self.model: Any = None
         self.tokenizer: Any = None

@@ -25,15 +25,15 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import BackendNotInstalledError, ConfigError, GenerationError, InvalidRequestError, ModelLoadError
+from ..errors import BackendNotInstalledError, GenerationError, InvalidRequestError, ModelLoadError
 from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..system import cpu_count, default_threads
 from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
-from .base import Backend, Capabilities, Generation, Piece, Request, pieces_from_worker
+from .base import Backend, Capabilities, Generation, Piece, Request, pieces_from_worker, parse_options
 
 try:
     import llama_cpp
@@ -99,13 +99,7 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
-        try:
-            self.options = LlamaCppOptions.model_validate(spec.options)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = "options." + ".".join(str(p) for p in err["loc"])
-            msg = "unknown key for the llamacpp backend" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+        self.options = parse_options(LlamaCppOptions, spec)
         self._llm: Any = None
         self._formatter: Any = None
         self._executor: ThreadPoolExecutor | None = None

@@ -24,20 +24,19 @@ from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from .. import ollama_store
 from ..errors import (
     BackendNotInstalledError,
     BackendUnavailableError,
-    ConfigError,
     GenerationError,
     ModelLoadError,
 )
 from ..registry import ModelSpec, Source
 from ..system import ollama_host
 from ..types import Message, Usage
-from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate
+from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate, parse_options
 
 try:
     import httpx
@@ -65,13 +64,7 @@ class OllamaBackend(Backend):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
-        try:
-            self.options = OllamaOptions.model_validate(spec.options)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = "options." + ".".join(str(p) for p in err["loc"])
-            msg = "unknown key for the ollama backend" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+        self.options = parse_options(OllamaOptions, spec)
         self.tag = spec.source.ollama or spec.name
         self.host = ollama_host(spec)
         self.client: ollama.AsyncClient | None = None

@@ -30,12 +30,11 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..convert import model_folder
 from ..errors import (
     BackendNotInstalledError,
-    ConfigError,
     GenerationError,
     InvalidRequestError,
     ModelLoadError,
@@ -44,7 +43,7 @@ from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ..system import gpus
 from ..types import Usage
-from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate
+from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate, parse_options
 
 try:
     import vllm
@@ -77,19 +76,9 @@ class VLLMOptions(BaseModel):
     engine_args: dict[str, Any] = {}
 
 
-def parse_options(spec: ModelSpec) -> VLLMOptions:
-    try:
-        return VLLMOptions.model_validate(spec.options)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = "options." + ".".join(str(p) for p in err["loc"])
-        msg = "unknown key for the vllm backend" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
-
-
 def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
     """The ``AsyncEngineArgs`` unillm builds for a registry entry (checked as such in tests)."""
-    o = parse_options(spec)
+    o = parse_options(VLLMOptions, spec)
     quant = (o.quantization or "").lower() or None
     if quant in GPU_ONLY_QUANTIZATION and not on_gpu:
         raise ModelLoadError(
@@ -146,7 +135,7 @@ class VLLMBackend(Backend):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
-        self.options = parse_options(spec)
+        self.options = parse_options(VLLMOptions, spec)
         self.engine: AsyncLLM | None = None
         self.tokenizer: Any = None
         self._info: dict[str, Any] = {}
