@@ -95,7 +95,7 @@ def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> 
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = Capabilities(streaming=True, json_schema=False, batching=False, gpu_offload=True)
+    capabilities = Capabilities(streaming=True, batching=True, gpu_offload=True)  # batching: options.parallel > 1
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
