@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from typing import Any, Literal, overload
 
 from .backends import backend_class
 from .batch import BatchResult, run_batch
-from .backends.base import Backend, Generation, Piece, Request, new_request_id
+from .backends.base import Backend, Generation, Request, new_request_id
 from .errors import (
     BackendNotInstalledError,
     BackendUnavailableError,
@@ -120,16 +121,14 @@ class _Core:
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         try:
-            gen: Generation = await backend.generate(req)
+            with _generation_errors(spec.name):
+                gen: Generation = await backend.generate(req)
         except asyncio.CancelledError:
             self.outcomes["cancelled"] += 1
             raise
         except UnillmError:
             self.outcomes["error"] += 1
             raise
-        except Exception as exc:  # noqa: BLE001 - map any library failure
-            self.outcomes["error"] += 1
-            raise GenerationError(spec.name, f"{type(exc).__name__}: {exc}") from exc
         self.outcomes[gen.finish_reason] += 1
         return ChatCompletion(
             id=req.id,
@@ -160,34 +159,28 @@ class _Core:
         pieces = backend.stream(req)
         outcome = "cancelled"  # unless it finishes or fails
         try:
-            while True:
-                try:
-                    piece: Piece = await pieces.__anext__()
-                except StopAsyncIteration:
-                    return
-                except UnillmError:
-                    outcome = "error"
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    outcome = "error"
-                    raise GenerationError(spec.name, f"{type(exc).__name__}: {exc}") from exc
-                if piece.finish_reason is not None:
-                    outcome = piece.finish_reason
-                chunk = ChatCompletionChunk(
-                    id=req.id,
-                    model=spec.name,
-                    backend=spec.backend,
-                    choices=[ChunkChoice(0, Delta(role, piece.text), piece.finish_reason)],
-                    usage=piece.usage,
-                    requested_model=fallback.requested if fallback else None,
-                    fallback_reason=fallback.reason if fallback else None,
-                )
-                if piece.finish_reason is not None:
-                    chunk.timings = Timings(
-                        load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s
+            with _generation_errors(spec.name):
+                async for piece in pieces:
+                    if piece.finish_reason is not None:
+                        outcome = piece.finish_reason
+                    chunk = ChatCompletionChunk(
+                        id=req.id,
+                        model=spec.name,
+                        backend=spec.backend,
+                        choices=[ChunkChoice(0, Delta(role, piece.text), piece.finish_reason)],
+                        usage=piece.usage,
+                        requested_model=fallback.requested if fallback else None,
+                        fallback_reason=fallback.reason if fallback else None,
                     )
-                role = None
-                yield chunk
+                    if piece.finish_reason is not None:
+                        chunk.timings = Timings(
+                            load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s
+                        )
+                    role = None
+                    yield chunk
+        except UnillmError:
+            outcome = "error"
+            raise
         finally:
             self.outcomes[outcome] += 1
             await pieces.aclose()
@@ -204,6 +197,17 @@ class _Core:
         while self.backends:
             _, backend = self.backends.popitem()
             await backend.aclose()
+
+
+@contextlib.contextmanager
+def _generation_errors(model: str) -> Iterator[None]:
+    """Map whatever a backend's library raises while generating to GenerationError (unillm's pass through)."""
+    try:
+        yield
+    except UnillmError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any library failure
+        raise GenerationError(model, f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
