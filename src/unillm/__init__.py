@@ -18,12 +18,14 @@ from .errors import (
     GenerationError,
     InvalidRequestError,
     ModelLoadError,
+    StructuredOutputError,
     UnillmError,
     UnknownModelError,
     UnsupportedFeatureError,
 )
 from .registry import ModelSpec, Registry
-from .types import ChatCompletion, ChatCompletionChunk, Timings, Usage
+from .params import ChatParams
+from .types import ChatCompletion, ChatCompletionChunk, Message, Timings, ToolCall, Usage
 
 __version__ = "0.1.0"
 
@@ -32,16 +34,20 @@ __all__ = [
     "BackendUnavailableError",
     "ChatCompletion",
     "ChatCompletionChunk",
+    "ChatParams",
     "ConfigError",
     "ContextWindowExceededError",
     "Engine",
     "EngineClosedError",
     "GenerationError",
     "InvalidRequestError",
+    "Message",
     "ModelLoadError",
     "ModelSpec",
     "Registry",
+    "StructuredOutputError",
     "Timings",
+    "ToolCall",
     "UnillmError",
     "UnknownModelError",
     "UnsupportedFeatureError",

@@ -24,6 +24,46 @@ from typing import Any
 from .errors import UnillmError
 
 
+def _add_params(p: argparse.ArgumentParser) -> None:
+    """The chat parameters that have a flag (from unillm.params.PARAMS), and --schema."""
+    from .params import PARAMS
+
+    for name, param in PARAMS.items():
+        if param.flags:
+            repeat = name == "stop"
+            p.add_argument(*param.flags, dest=name, type=param.cli_type or str, help=param.help,
+                           action="append" if repeat else "store")
+    p.add_argument("--schema", metavar="FILE_OR_JSON",
+                   help="answer as JSON matching this JSON schema (a file, or the schema itself)")
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    """The chat parameters given on the command line."""
+    from .params import PARAMS
+
+    out = {name: getattr(args, name) for name in PARAMS if getattr(args, name, None) is not None}
+    if args.schema:
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "schema", "schema": _read_schema(args.schema)}}
+    return out
+
+
+def _read_schema(value: str) -> Any:
+    from pathlib import Path
+
+    from .errors import InvalidRequestError
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidRequestError(f"--schema {value}: cannot read the file ({exc.strerror or exc})") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"--schema {value}: not JSON ({exc})") from exc
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", metavar="PATH", help="extra registry file (repeatable)")
 
@@ -36,11 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("model", help="a registry name or alias (see `unillm models`)")
     chat.add_argument("prompt", nargs="?", help='the prompt; "-" or nothing reads it from stdin')
     chat.add_argument("-s", "--system", help="a system message")
-    chat.add_argument("-t", "--temperature", type=float)
-    chat.add_argument("--top-p", type=float)
-    chat.add_argument("-n", "--max-tokens", type=int)
-    chat.add_argument("--seed", type=int)
-    chat.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    _add_params(chat)
     chat.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
     chat.add_argument("--stats", action="store_true", help="print usage and timings to stderr")
     _add_config(chat)
@@ -58,9 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--template", help="prompt template file; $text (or $FIELD) is replaced by the record's text")
     job.add_argument("--field", default="text", help="the record's text field (default: text)")
     job.add_argument("--retry-failed", action="store_true", help="redo records whose result was an error")
-    job.add_argument("-t", "--temperature", type=float)
-    job.add_argument("-n", "--max-tokens", type=int)
-    job.add_argument("--seed", type=int)
+    _add_params(job)
     job.add_argument("--no-progress", action="store_true")
     _add_config(job)
 
@@ -103,9 +137,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
-    params: dict[str, Any] = dict(
-        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop
-    )
+    params = _params(args)
     with Engine(args.config) as engine:
         if args.no_stream:
             r = engine.chat(args.model, messages, **params)
@@ -184,7 +216,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .jobs import run_job
 
-    params = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens), ("seed", args.seed)) if v is not None}
+    params = _params(args)
     with Engine(args.config) as engine:
         summary = run_job(
             engine, args.input, args.output, args.model, template=args.template, text_field=args.field,

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
+from typing_extensions import Unpack
+
 from .backends import backend_class
 from .batch import BatchResult, run_batch
-from .backends.base import Backend, Generation, Request, new_request_id
+from .backends.base import Backend, Generation, Piece, Request, new_request_id
 from .errors import (
     BackendNotInstalledError,
     BackendUnavailableError,
@@ -33,9 +35,10 @@ from .errors import (
     ModelLoadError,
     UnillmError,
 )
-from .params import merge_params, validate_messages
+from .params import ChatParams, merge_params, validate_messages
 from ._loop import LoopThread
 from .registry import ModelSpec, Registry
+from .structured import Structure
 from .system import hardware_problem
 from .types import ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Message, Timings
 
@@ -120,21 +123,26 @@ class _Core:
 
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
+        structure: Structure | None = req.params.structure
         try:
             with _generation_errors(spec.name):
                 gen: Generation = await backend.generate(req)
+            if structure is not None:
+                message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, backend.tool_call_parser(structure))
+            else:
+                message, finish = Message("assistant", gen.text), gen.finish_reason
         except asyncio.CancelledError:
             self.outcomes["cancelled"] += 1
             raise
         except UnillmError:
             self.outcomes["error"] += 1
             raise
-        self.outcomes[gen.finish_reason] += 1
+        self.outcomes[finish] += 1
         return ChatCompletion(
             id=req.id,
             model=spec.name,
             backend=spec.backend,
-            choices=[Choice(0, Message("assistant", gen.text), gen.finish_reason)],
+            choices=[Choice(0, message, finish)],
             usage=gen.usage,
             timings=Timings(load_s, gen.ttft_s, time.perf_counter() - req.started, gen.decode_tokens_per_s),
             requested_model=fallback.requested if fallback else None,
@@ -156,28 +164,41 @@ class _Core:
         self, spec: ModelSpec, backend: Backend, req: Request, load_s: float, fallback: _Fallback | None
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         role: str | None = "assistant"
+        structure: Structure | None = req.params.structure
+        shaper = structure.streamer(backend.tool_call_parser(structure)) if structure is not None else None
         pieces = backend.stream(req)
         outcome = "cancelled"  # unless it finishes or fails
+
+        def chunk(delta: Delta, piece: Piece | None = None, finish: str | None = None) -> ChatCompletionChunk:
+            c = ChatCompletionChunk(
+                id=req.id, model=spec.name, backend=spec.backend, choices=[ChunkChoice(0, delta, finish)],
+                requested_model=fallback.requested if fallback else None,
+                fallback_reason=fallback.reason if fallback else None,
+            )
+            if finish is not None and piece is not None:
+                c.usage = piece.usage
+                c.timings = Timings(load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s)
+            return c
+
         try:
             with _generation_errors(spec.name):
                 async for piece in pieces:
-                    if piece.finish_reason is not None:
-                        outcome = piece.finish_reason
-                    chunk = ChatCompletionChunk(
-                        id=req.id,
-                        model=spec.name,
-                        backend=spec.backend,
-                        choices=[ChunkChoice(0, Delta(role, piece.text), piece.finish_reason)],
-                        usage=piece.usage,
-                        requested_model=fallback.requested if fallback else None,
-                        fallback_reason=fallback.reason if fallback else None,
-                    )
-                    if piece.finish_reason is not None:
-                        chunk.timings = Timings(
-                            load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s
-                        )
+                    text = shaper.feed(piece.text) if shaper is not None else piece.text
+                    if piece.finish_reason is None:
+                        if text:
+                            yield chunk(Delta(role, text))
+                            role = None
+                        continue
+                    finish, calls = piece.finish_reason, None
+                    if shaper is not None:
+                        rest, calls, finish = shaper.end(spec.name, piece.finish_reason)
+                        text += rest
+                    outcome = finish
+                    if calls:
+                        yield chunk(Delta(role, text or None, tool_calls=calls))
+                        role, text = None, ""
+                    yield chunk(Delta(role, text), piece, finish)
                     role = None
-                    yield chunk
         except UnillmError:
             outcome = "error"
             raise
@@ -269,22 +290,16 @@ class Engine:
 
     @overload
     def chat(
-        self, model: str, messages: Messages, *, stream: Literal[False] = False, temperature: float | None = None,
-        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
-        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+        self, model: str, messages: Messages, *, stream: Literal[False] = False, **params: Unpack[ChatParams],
     ) -> ChatCompletion: ...
 
     @overload
     def chat(
-        self, model: str, messages: Messages, *, stream: Literal[True], temperature: float | None = None,
-        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
-        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+        self, model: str, messages: Messages, *, stream: Literal[True], **params: Unpack[ChatParams],
     ) -> Iterator[ChatCompletionChunk]: ...
 
     def chat(
-        self, model: str, messages: Messages, *, stream: bool = False, temperature: float | None = None,
-        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
-        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+        self, model: str, messages: Messages, *, stream: bool = False, **params: Unpack[ChatParams],
     ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
         """Answer ``messages`` with ``model``; with ``stream=True``, an iterator of chunks.
 
@@ -299,30 +314,23 @@ class Engine:
             ...         print(chunk.text, end="")
         """
         self._check_open()
-        params = _params(temperature, top_p, max_tokens, stop, seed, extra)
         if stream:
-            agen = self._loop.run(self._core.open_stream(model, messages, params))
+            agen = self._loop.run(self._core.open_stream(model, messages, dict(params)))
             return self._loop.iterate(agen)
-        return self._loop.run(self._core.chat(model, messages, params))
+        return self._loop.run(self._core.chat(model, messages, dict(params)))
 
     @overload
     async def achat(
-        self, model: str, messages: Messages, *, stream: Literal[False] = False, temperature: float | None = None,
-        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
-        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+        self, model: str, messages: Messages, *, stream: Literal[False] = False, **params: Unpack[ChatParams],
     ) -> ChatCompletion: ...
 
     @overload
     async def achat(
-        self, model: str, messages: Messages, *, stream: Literal[True], temperature: float | None = None,
-        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
-        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+        self, model: str, messages: Messages, *, stream: Literal[True], **params: Unpack[ChatParams],
     ) -> AsyncIterator[ChatCompletionChunk]: ...
 
     async def achat(
-        self, model: str, messages: Messages, *, stream: bool = False, temperature: float | None = None,
-        top_p: float | None = None, max_tokens: int | None = None, stop: str | list[str] | None = None,
-        seed: int | None = None, extra: Mapping[str, Any] | None = None,
+        self, model: str, messages: Messages, *, stream: bool = False, **params: Unpack[ChatParams],
     ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
         """The async twin of :meth:`chat`; with ``stream=True`` it returns an async iterator.
 
@@ -336,18 +344,16 @@ class Engine:
             >>> asyncio.run(main())                                    # doctest: +SKIP
         """
         self._check_open()
-        params = _params(temperature, top_p, max_tokens, stop, seed, extra)
         if stream:
-            agen = await self._loop.run_async(self._core.open_stream(model, messages, params))
+            agen = await self._loop.run_async(self._core.open_stream(model, messages, dict(params)))
             return self._loop.aiterate(agen)
-        return await self._loop.run_async(self._core.chat(model, messages, params))
+        return await self._loop.run_async(self._core.chat(model, messages, dict(params)))
 
     # -- batches ------------------------------------------------------------------------------------
 
     def batch(
         self, model: str, items: Sequence[Messages], *, progress: bool = True, concurrency: int | None = None,
-        on_result: Callable[[BatchResult], None] | None = None, temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
-        stop: str | list[str] | None = None, seed: int | None = None, extra: Mapping[str, Any] | None = None,
+        on_result: Callable[[BatchResult], None] | None = None, **params: Unpack[ChatParams],
     ) -> list[BatchResult]:
         """Answer many items (message lists or prompt strings); results come back in input order.
 
@@ -364,21 +370,18 @@ class Engine:
             ...         print(r.index, r.text if r.ok else r.error)
         """
         self._check_open()
-        params = _params(temperature, top_p, max_tokens, stop, seed, extra)
         return self._loop.run(
-            run_batch(self._core, model, items, params, progress=progress, concurrency=concurrency, on_result=on_result)
+            run_batch(self._core, model, items, dict(params), progress=progress, concurrency=concurrency, on_result=on_result)
         )
 
     async def abatch(
         self, model: str, items: Sequence[Messages], *, progress: bool = True, concurrency: int | None = None,
-        on_result: Callable[[BatchResult], None] | None = None, temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
-        stop: str | list[str] | None = None, seed: int | None = None, extra: Mapping[str, Any] | None = None,
+        on_result: Callable[[BatchResult], None] | None = None, **params: Unpack[ChatParams],
     ) -> list[BatchResult]:
         """The async twin of :meth:`batch`."""
         self._check_open()
-        params = _params(temperature, top_p, max_tokens, stop, seed, extra)
         return await self._loop.run_async(
-            run_batch(self._core, model, items, params, progress=progress, concurrency=concurrency, on_result=on_result)
+            run_batch(self._core, model, items, dict(params), progress=progress, concurrency=concurrency, on_result=on_result)
         )
 
     # -- models -------------------------------------------------------------------------------------
@@ -458,11 +461,3 @@ class Engine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"loaded={self.loaded()}"
         return f"<Engine models={len(self.registry)} {state}>"
-
-
-def _params(temperature: Any, top_p: Any, max_tokens: Any, stop: Any, seed: Any, extra: Any) -> dict[str, Any]:
-    given = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stop": stop, "seed": seed}
-    out = {k: v for k, v in given.items() if v is not None}
-    if extra:
-        out["extra"] = extra
-    return out

@@ -12,6 +12,7 @@ Every error unillm raises derives from :class:`UnillmError`, so one ``except`` c
     ├── InvalidRequestError          bad messages or parameter values
     │   └── ContextWindowExceededError   prompt (+ max_tokens) over the model's context window
     ├── GenerationError              the backend failed while generating
+    │   └── StructuredOutputError        the answer does not match the schema or tool (or was cut short)
     └── EngineClosedError            the Engine was used after close()
 
 Errors are raised for one request and never poison the engine: after any of them except
@@ -124,6 +125,17 @@ class GenerationError(UnillmError):
         self.model = model
         self.reason = reason
         super().__init__(f"Generation with model {model!r} failed: {reason}")
+
+
+class StructuredOutputError(GenerationError):
+    """A JSON answer or tool call that does not satisfy its schema, or that the token budget cut short.
+
+    ``text`` is what the model generated, for inspection; it is never returned as a success.
+    """
+
+    def __init__(self, model: str, reason: str, text: str = "") -> None:
+        super().__init__(model, reason)
+        self.text = text
 
 
 class EngineClosedError(UnillmError):

@@ -102,6 +102,11 @@ def result_record(rid: str, model: str, res: BatchResult) -> dict[str, Any]:
             "id": rid, "model": r.model, "answer": r.text, "finish_reason": r.finish_reason,
             "usage": r.usage.to_dict(), "timings": r.timings.to_dict(),
         }
+        msg = r.choices[0].message
+        if msg.parsed is not None:
+            out["parsed"] = msg.parsed.model_dump(mode="json") if hasattr(msg.parsed, "model_dump") else msg.parsed
+        if msg.tool_calls:
+            out["tool_calls"] = [c.to_dict() for c in msg.tool_calls]
         if r.requested_model:
             out["requested_model"], out["fallback_reason"] = r.requested_model, r.fallback_reason
         return out

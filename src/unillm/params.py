@@ -1,4 +1,10 @@
-"""Request validation and parameter merging: plain functions, no I/O.
+"""A chat request's parameters, defined once: request validation and parameter merging, no I/O.
+
+:class:`ChatParams` is the one definition of what ``Engine.chat`` accepts. Each key carries a :class:`Param`
+(in its ``Annotated`` metadata) that says how its value is checked, whether a registry entry may set a
+default for it, its command-line flag and its Ollama option name. The engine's signatures (``**params:
+Unpack[ChatParams]``), :func:`merge_params`, the registry's ``defaults``, the CLI's flags and ``unillm
+serve`` all read :data:`PARAMS`, which is derived from it.
 
 Example:
     >>> from unillm.params import validate_messages, merge_params
@@ -6,20 +12,113 @@ Example:
     'hi'
     >>> merge_params({"temperature": 0.3}, {"max_tokens": 8}).temperature
     0.3
+    >>> sorted(n for n, p in PARAMS.items() if p.registry_default)
+    ['max_tokens', 'seed', 'stop', 'temperature', 'top_p']
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_type_hints
 
 from .errors import ContextWindowExceededError, InvalidRequestError
 from .types import Message
 
+from typing_extensions import TypedDict
+
 ROLES = ("system", "user", "assistant", "tool")
-PARAMS = ("temperature", "top_p", "max_tokens", "stop", "seed")
+
+
+def _check_number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        bracket = "(" if lo_open else "["
+        raise InvalidRequestError(f"{name}={value} is out of range {bracket}{lo}, {hi}]")
+    return float(value)
+
+
+def _temperature(name: str, v: Any) -> float:
+    return _check_number(name, v, 0.0, 2.0)
+
+
+def _top_p(name: str, v: Any) -> float:
+    return _check_number(name, v, 0.0, 1.0, lo_open=True)
+
+
+def _max_tokens(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+def _stop(name: str, v: Any) -> list[str]:
+    stop = [v] if isinstance(v, str) else v
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequestError(f"{name} must be a non-empty string or a list of them, got {v!r}")
+    return list(stop)
+
+
+def _seed(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {v!r}")
+    return v
+
+
+def _any(name: str, v: Any) -> Any:
+    return v  # checked as a whole by unillm.structured.structure_of
+
+
+def _extra(name: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, Mapping):
+        raise InvalidRequestError(f"{name} must be a dict of backend options, got {type(v).__name__}")
+    return dict(v)
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """How one chat parameter is checked, and where it appears besides ``Engine.chat``."""
+
+    check: Callable[[str, Any], Any]
+    help: str
+    #: A registry entry may set a default for it (``defaults:``).
+    registry_default: bool = False
+    #: Command-line flags (``unillm chat`` and ``unillm batch``) and the argparse type; none: not a flag.
+    flags: tuple[str, ...] = ()
+    cli_type: Callable[[str], Any] | None = None
+    #: The Ollama ``options`` key that carries it in ``unillm serve``'s Ollama API.
+    ollama: str | None = None
+
+
+#: ``response_format``: ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"name", "schema",
+#: "strict"}}``, ``{"type": "text"}``, or a pydantic model class.
+ResponseFormat = Union[Mapping[str, Any], type]
+#: A tool: ``{"type": "function", "function": {"name", "description", "parameters"}}`` or a typed Python function.
+Tool = Union[Mapping[str, Any], Callable[..., Any]]
+ToolChoice = Union[Literal["auto", "none", "required"], Mapping[str, Any]]
+
+
+class ChatParams(TypedDict, total=False):
+    """The parameters of one chat call (every one optional; the model's registry defaults fill the gaps)."""
+
+    temperature: Annotated[float, Param(_temperature, "sampling temperature, 0 = greedy (0-2)", True, ("-t", "--temperature"), float, "temperature")]
+    top_p: Annotated[float, Param(_top_p, "nucleus sampling: keep tokens up to this probability mass (0-1]", True, ("--top-p",), float, "top_p")]
+    max_tokens: Annotated[int, Param(_max_tokens, "most tokens to generate", True, ("-n", "--max-tokens"), int, "num_predict")]
+    stop: Annotated[Union[str, list[str]], Param(_stop, "a string that ends the answer (repeatable)", True, ("--stop",), str, "stop")]
+    seed: Annotated[int, Param(_seed, "random seed, for repeatable sampling", True, ("--seed",), int, "seed")]
+    response_format: Annotated[ResponseFormat, Param(_any, "JSON output: json_object, json_schema or a pydantic class")]
+    tools: Annotated[Sequence[Tool], Param(_any, "tools the model may call (OpenAI shape, or typed functions)")]
+    tool_choice: Annotated[ToolChoice, Param(_any, "auto | none | required | {'type': 'function', 'function': {'name'}}")]
+    extra: Annotated[Mapping[str, Any], Param(_extra, "backend-specific options (llama.cpp: top_k, min_p, grammar...)")]
+
+
+#: Every chat parameter by name, from :class:`ChatParams`.
+PARAMS: dict[str, Param] = {
+    name: next(m for m in hint.__metadata__ if isinstance(m, Param))
+    for name, hint in get_type_hints(ChatParams, include_extras=True).items()
+}
 
 
 @dataclass(slots=True)
@@ -33,10 +132,19 @@ class SamplingParams:
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     max_tokens_given: bool = False
+    #: What the answer must look like (a JSON schema, tool calls); see :mod:`unillm.structured`.
+    structure: Any = None
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any] | Message] | str) -> list[Message]:
-    """Check roles and contents; a plain string is one user message."""
+    """Check roles and contents; a plain string is one user message.
+
+    Messages take the shapes OpenAI code sends back: an assistant message with ``tool_calls`` (and
+    ``content: None``), a ``tool`` message with ``tool_call_id``, content as a list of ``{"type": "text"}``
+    parts, and ``name``.
+    """
+    from .structured import message_from_dict
+
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if not isinstance(messages, Sequence) or isinstance(messages, (bytes, bytearray)):
@@ -46,71 +154,38 @@ def validate_messages(messages: Sequence[Mapping[str, Any] | Message] | str) -> 
     out: list[Message] = []
     for i, m in enumerate(messages):
         if isinstance(m, Message):
-            role, content = m.role, m.content
+            msg = m
         elif isinstance(m, Mapping):
-            unknown = set(m) - {"role", "content", "name"}
-            if unknown:
-                raise InvalidRequestError(f"messages[{i}] has unknown keys {sorted(unknown)}")
-            if "role" not in m or "content" not in m:
-                raise InvalidRequestError(f"messages[{i}] needs both 'role' and 'content'")
-            role, content = m["role"], m["content"]
+            msg = message_from_dict(i, m)
         else:
             raise InvalidRequestError(f"messages[{i}] must be a dict, got {type(m).__name__}")
-        if role not in ROLES:
-            raise InvalidRequestError(f"messages[{i}] has role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise InvalidRequestError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        out.append(Message(role, content))
+        if msg.role not in ROLES:
+            raise InvalidRequestError(f"messages[{i}] has role {msg.role!r}; use one of {', '.join(ROLES)}")
+        if msg.content is None and not msg.tool_calls:
+            raise InvalidRequestError(f"messages[{i}].content must be a string, got None")
+        out.append(msg)
     if out[-1].role == "assistant":
         raise InvalidRequestError("the last message is from the assistant: end with a user (or tool) message")
     return out
 
 
-def _check_number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
-    if value < lo or value > hi or (lo_open and value == lo):
-        bracket = "(" if lo_open else "["
-        raise InvalidRequestError(f"{name}={value} is out of range {bracket}{lo}, {hi}]")
-    return float(value)
-
-
 def merge_params(defaults: Mapping[str, Any], call: Mapping[str, Any]) -> SamplingParams:
-    """Registry defaults under the call's own parameters, each checked."""
-    unknown = set(call) - set(PARAMS) - {"extra"}
+    """Registry defaults under the call's own parameters, each checked (see :data:`PARAMS`)."""
+    unknown = set(call) - set(PARAMS)
     if unknown:
         raise InvalidRequestError(
-            f"unknown parameter(s) {sorted(unknown)}; use {', '.join(PARAMS)}, "
-            "and pass backend-specific options as extra={...}"
+            f"unknown parameter(s) {sorted(unknown)}; use {', '.join(PARAMS)} "
+            "(backend-specific options go in extra={...})"
         )
     merged = {k: v for k, v in defaults.items() if v is not None}
     merged.update({k: v for k, v in call.items() if v is not None})
-    p = SamplingParams(max_tokens_given="max_tokens" in call and call["max_tokens"] is not None)
-    if "temperature" in merged:
-        p.temperature = _check_number("temperature", merged["temperature"], 0.0, 2.0)
-    if "top_p" in merged:
-        p.top_p = _check_number("top_p", merged["top_p"], 0.0, 1.0, lo_open=True)
-    if "max_tokens" in merged:
-        mt = merged["max_tokens"]
-        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
-            raise InvalidRequestError(f"max_tokens must be a positive integer, got {mt!r}")
-        p.max_tokens = mt
-    if "stop" in merged:
-        stop = merged["stop"]
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise InvalidRequestError(f"stop must be a non-empty string or a list of them, got {merged['stop']!r}")
-        p.stop = list(stop)
-    if "seed" in merged:
-        seed = merged["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InvalidRequestError(f"seed must be an integer, got {seed!r}")
-        p.seed = seed
-    extra = call.get("extra") or {}
-    if not isinstance(extra, Mapping):
-        raise InvalidRequestError(f"extra must be a dict of backend options, got {type(extra).__name__}")
-    p.extra = dict(extra)
-    return p
+    checked = {name: PARAMS[name].check(name, value) for name, value in merged.items()}
+    from .structured import structure_of
+
+    structure = structure_of(checked.pop("response_format", None), checked.pop("tools", None), checked.pop("tool_choice", None))
+    return SamplingParams(
+        **checked, structure=structure, max_tokens_given=call.get("max_tokens") is not None
+    )
 
 
 def fit_max_tokens(model: str, prompt_tokens: int, context_window: int, params: SamplingParams) -> int:

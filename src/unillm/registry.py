@@ -25,12 +25,23 @@ import os
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from .errors import ConfigError, ModelLoadError, UnknownModelError
+from .errors import ConfigError, InvalidRequestError, ModelLoadError, UnknownModelError
+from .params import PARAMS
 
 Number = Union[int, float]
 
@@ -70,14 +81,27 @@ class Source(_Strict):
         return str(self.path) + (f"/{self.file}" if self.file else "")
 
 
-class SamplingDefaults(_Strict):
+class _Defaults(_Strict):
     """Default sampling parameters of a model; a call's own parameters override them."""
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: list[str] | None = None
-    seed: int | None = None
+    @field_validator("*")
+    @classmethod
+    def _check(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None:
+            assert info.field_name is not None
+            try:
+                PARAMS[info.field_name].check(info.field_name, v)
+            except InvalidRequestError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+
+if TYPE_CHECKING:
+    SamplingDefaults = _Defaults
+else:  # one field per chat parameter that may have a registry default (unillm.params.PARAMS)
+    SamplingDefaults = create_model(
+        "SamplingDefaults", __base__=_Defaults, **{n: (Any, None) for n, p in PARAMS.items() if p.registry_default}
+    )
 
 
 class ModelSpec(_Strict):

@@ -37,9 +37,21 @@ from .errors import (
     UnknownModelError,
     UnsupportedFeatureError,
 )
+from .params import PARAMS
+from .structured import loads_arguments
 from .types import ChatCompletion, ChatCompletionChunk
 
-_OLLAMA_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_tokens", "stop": "stop", "seed": "seed"}
+#: Ollama ``options`` keys that are unillm chat parameters (from unillm.params.PARAMS).
+_OLLAMA_OPTIONS = {p.ollama: name for name, p in PARAMS.items() if p.ollama}
+#: OpenAI chat-completion fields that are unillm chat parameters under the same name.
+_OPENAI_PARAMS = [name for name in PARAMS if name != "extra"]
+#: OpenAI fields accepted when they ask for nothing unillm would do differently, and what that value is.
+_OPENAI_NEUTRAL: dict[str, Any] = {
+    "n": 1, "logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+}
+#: OpenAI fields that do not change the answer.
+_OPENAI_IGNORED = {"model", "messages", "stream", "stream_options", "user", "max_completion_tokens", "metadata",
+                   "store", "service_tier", "parallel_tool_calls"}
 
 
 def _status(exc: UnillmError) -> int:
@@ -66,26 +78,71 @@ def _ollama_params(body: dict[str, Any]) -> dict[str, Any]:
     opts.pop("num_ctx", None)  # the registry's context window rules
     if params.get("max_tokens") is not None and params["max_tokens"] < 0:
         del params["max_tokens"]  # Ollama's -1: until the context is full
-    if body.get("format"):
-        opts["format"] = body["format"]
+    fmt = body.get("format")
+    if fmt == "json":
+        params["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        params["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise InvalidRequestError(f"format must be \"json\" or a JSON schema object, got {fmt!r}")
+    if body.get("tools"):
+        params["tools"] = body["tools"]
     if opts:
         params["extra"] = opts
     return params
 
 
 def _openai_params(body: dict[str, Any]) -> dict[str, Any]:
-    params = {k: body[k] for k in ("temperature", "top_p", "stop", "seed") if body.get(k) is not None}
+    """The chat parameters of an OpenAI request; a field unillm would not honour is a 400 naming it."""
+    unknown = set(body) - set(_OPENAI_PARAMS) - set(_OPENAI_NEUTRAL) - _OPENAI_IGNORED
+    if unknown:
+        raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
+    for name, neutral in _OPENAI_NEUTRAL.items():
+        if body.get(name) not in (None, neutral):
+            raise InvalidRequestError(f"{name}={body[name]!r} is not supported by unillm (only {neutral!r})")
+    params = {k: body[k] for k in _OPENAI_PARAMS if body.get(k) is not None}
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
         params["max_tokens"] = mt
     return params
 
 
-def _ollama_final(r: ChatCompletion | ChatCompletionChunk, key: str, content: str) -> dict[str, Any]:
+def _from_ollama_messages(messages: Any) -> Any:
+    """Ollama's message shape to unillm's: ``tool_name`` names a tool result; ``images`` are refused."""
+    if not isinstance(messages, list):
+        return messages  # validate_messages says what is wrong
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict):
+            m = dict(m)
+            if m.pop("images", None):
+                raise InvalidRequestError(f"messages[{i}].images: unillm's models take text only")
+            m.pop("thinking", None)  # a thinking model's earlier reasoning: not part of the conversation
+            if "tool_name" in m:
+                m["name"] = m.pop("tool_name")
+        out.append(m)
+    return out
+
+
+def _ollama_message(message: Any) -> dict[str, Any]:
+    """An assistant message in Ollama's shape: tool calls with arguments as objects."""
+    out: dict[str, Any] = {"role": "assistant", "content": message.content or ""}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"function": {"name": c.function.name, "arguments": loads_arguments(c.function.arguments)}} for c in message.tool_calls
+        ]
+    return out
+
+
+def _ollama_final(r: ChatCompletion | ChatCompletionChunk, key: str, content: str, message: Any = None) -> dict[str, Any]:
     t = r.timings
     usage = r.usage
-    out: dict[str, Any] = {"model": r.model, "created_at": _now(), "done": True, "done_reason": r.finish_reason or "stop"}
-    out[key] = {"role": "assistant", "content": content} if key == "message" else content
+    reason = r.finish_reason or "stop"
+    out: dict[str, Any] = {"model": r.model, "created_at": _now(), "done": True, "done_reason": "stop" if reason == "tool_calls" else reason}
+    if key == "message":
+        out[key] = _ollama_message(message) if message is not None else {"role": "assistant", "content": content}
+    else:
+        out[key] = content
     if t is not None:
         out.update(total_duration=_ns(t.total_s + t.load_s), load_duration=_ns(t.load_s),
                    prompt_eval_duration=_ns(t.ttft_s), eval_duration=_ns((t.total_s or 0) - (t.ttft_s or 0)))
@@ -128,21 +185,27 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
                     {"role": "user", "content": body.get("prompt", "")}
                 ]
             else:
-                messages = body.get("messages") or []
+                messages = _from_ollama_messages(body.get("messages") or [])
             params = _ollama_params(body)
             key = "response" if generate else "message"
             if body.get("stream", True):
                 stream = await engine.achat(model, messages, stream=True, **params)
             else:
                 r = await engine.achat(model, messages, **params)
-                return JSONResponse(_ollama_final(r, key, r.text))
+                return JSONResponse(_ollama_final(r, key, r.text, r.choices[0].message))
         except UnillmError as exc:
             return error(exc, openai=False)
 
         async def parts() -> AsyncIterator[dict[str, Any]]:
             try:
                 async for c in stream:
-                    if c.finish_reason is not None:
+                    calls = c.choices[0].delta.tool_calls
+                    if calls and key == "message":
+                        yield {"model": c.model, "created_at": _now(), "done": False, "message": {
+                            "role": "assistant", "content": c.text, "tool_calls": [
+                                {"function": {"name": d["function"]["name"], "arguments": loads_arguments(d["function"]["arguments"])}}
+                                for d in calls]}}
+                    elif c.finish_reason is not None:
                         yield _ollama_final(c, key, c.text)
                     elif c.text:
                         piece = {"role": "assistant", "content": c.text} if key == "message" else c.text

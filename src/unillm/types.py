@@ -21,15 +21,55 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+@dataclass(slots=True)
+class FunctionCall:
+    """The function a tool call names, and its arguments as a JSON string (OpenAI's shape)."""
+
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """One call of a tool that the model made."""
+
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "function": {"name": self.function.name, "arguments": self.function.arguments}}
 
 
 @dataclass(slots=True)
 class Message:
-    """One chat message."""
+    """One chat message.
+
+    ``content`` is None for an assistant message that only calls tools (``tool_calls``). ``parsed`` holds
+    the answer read as JSON when the call asked for ``response_format``: an instance of the pydantic class
+    it gave, or the decoded JSON value for a plain schema.
+    """
 
     role: str
-    content: str
+    content: str | None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    parsed: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI message shape (what a client sends back in the next turn)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [t.to_dict() for t in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(slots=True)
@@ -96,8 +136,8 @@ class ChatCompletion:
 
     @property
     def text(self) -> str:
-        """The first choice's content."""
-        return self.choices[0].message.content
+        """The first choice's content ("" when the model only called tools)."""
+        return self.choices[0].message.content or ""
 
     @property
     def finish_reason(self) -> str | None:
@@ -113,7 +153,7 @@ class ChatCompletion:
             "choices": [
                 {
                     "index": c.index,
-                    "message": {"role": c.message.role, "content": c.message.content},
+                    "message": c.message.to_dict(),
                     "finish_reason": c.finish_reason,
                 }
                 for c in self.choices
@@ -133,7 +173,19 @@ class Delta:
     """The part of a message that one stream chunk adds."""
 
     role: str | None = None
-    content: str = ""
+    content: str | None = ""
+    #: Tool calls in OpenAI's delta shape: ``[{"index", "id", "type", "function": {"name", "arguments"}}]``.
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.role is not None:
+            out["role"] = self.role
+        if self.content is not None or not self.tool_calls:
+            out["content"] = self.content
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        return out
 
 
 @dataclass(slots=True)
@@ -164,7 +216,7 @@ class ChatCompletionChunk:
     @property
     def text(self) -> str:
         """The content this chunk adds."""
-        return self.choices[0].delta.content
+        return self.choices[0].delta.content or ""
 
     @property
     def finish_reason(self) -> str | None:
@@ -179,7 +231,7 @@ class ChatCompletionChunk:
             "choices": [
                 {
                     "index": c.index,
-                    "delta": {k: v for k, v in (("role", c.delta.role), ("content", c.delta.content)) if v is not None},
+                    "delta": c.delta.to_dict(),
                     "finish_reason": c.finish_reason,
                 }
                 for c in self.choices

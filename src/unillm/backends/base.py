@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ConfigError
 from ..params import SamplingParams
 from ..registry import ModelSpec
+from ..structured import Structure, ToolCallParser, template_dicts
 from ..types import Message, Usage
 
 _ids = itertools.count(1)
@@ -42,6 +43,7 @@ class Capabilities:
 
     streaming: bool = True
     json_schema: bool = False
+    tools: bool = False
     batching: bool = False
     embeddings: bool = False
     gpu_offload: bool = False
@@ -108,6 +110,11 @@ class Backend(ABC):
         """Defaults the model itself carries (an Ollama Modelfile's parameters), under the registry's."""
         return {}
 
+    def tool_call_parser(self, structure: Structure) -> ToolCallParser | None:
+        """The library's own reader of this model's tool calls, for ``tool_choice="auto"``; None: unillm reads
+        the Hermes ``<tool_call>`` format (what it asks for when the chat template has no tools of its own)."""
+        return None
+
     def max_concurrency(self) -> int | None:
         """How many requests ``Engine.batch`` keeps in flight on this model (None: all at once)."""
         return None
@@ -129,6 +136,18 @@ def parse_options(model: type[OptionsT], spec: ModelSpec) -> OptionsT:
         key = "options." + ".".join(str(p) for p in err["loc"])
         msg = f"unknown key for the {spec.backend} backend" if err["type"] == "extra_forbidden" else err["msg"]
         raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+
+
+def chat_inputs(request: Request, template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The request's messages (and tools, when the template renders them) for a chat template."""
+    structure: Structure | None = request.params.structure
+    return template_dicts(request.messages, structure.tools if structure is not None else (), template)
+
+
+def request_schema(request: Request) -> dict[str, Any] | None:
+    """The JSON schema the answer must be constrained to (response_format, or a required tool call)."""
+    structure: Structure | None = request.params.structure
+    return structure.schema if structure is not None else None
 
 
 def decode_rate(n_tokens: int, first_token_at: float | None, end: float) -> float | None:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,17 @@ from ..convert import model_folder
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ._text import TokenText
-from .base import Backend, Capabilities, Generation, Piece, Request, pieces_from_worker, parse_options
+from .base import (
+    Backend,
+    Capabilities,
+    Generation,
+    Piece,
+    Request,
+    chat_inputs,
+    parse_options,
+    pieces_from_worker,
+    request_schema,
+)
 
 try:
     import torch
@@ -95,7 +106,7 @@ class _Stop(transformers.StoppingCriteria):  # type: ignore[misc]
 
 class HFBackend(Backend):
     name = "hf"
-    capabilities = Capabilities(streaming=True)
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -104,6 +115,7 @@ class HFBackend(Backend):
         self.model: Any = None
         self.tokenizer: Any = None
         self.device = "cpu"
+        self._compiler: Any = None
 
     async def load(self) -> None:
         folder = await asyncio.to_thread(model_folder, self.spec)
@@ -146,8 +158,9 @@ class HFBackend(Backend):
             raise GenerationError(self.spec.name, "the model was unloaded")
         if request.params.extra:
             raise InvalidRequestError(f"the hf backend takes no extra options (got {sorted(request.params.extra)})")
-        msgs = [{"role": m.role, "content": m.content} for m in request.messages]
-        ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
+        ids = self.tokenizer.apply_chat_template(
+            msgs, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         prompt = ids["input_ids"].to(self.device)
         p = request.params
         max_tokens = fit_max_tokens(self.spec.name, prompt.shape[1], self.spec.context_window, p)
@@ -158,8 +171,11 @@ class HFBackend(Backend):
         sample = p.temperature > 0
         if p.seed is not None:
             torch.manual_seed(p.seed)
+        schema = request_schema(request)
+        processors = [self._grammar(schema)] if schema is not None else []
         with torch.inference_mode():
             self.model.generate(
+                logits_processor=transformers.LogitsProcessorList(processors),
                 input_ids=prompt, attention_mask=ids["attention_mask"].to(self.device), max_new_tokens=max_tokens,
                 do_sample=sample, temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
                 top_k=None, streamer=streamer, stopping_criteria=transformers.StoppingCriteriaList([_Stop(streamer, cancel)]),
@@ -169,6 +185,22 @@ class HFBackend(Backend):
         if emit is not None:
             emit(out.last_piece(result))
         return result
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        """An xgrammar logits processor that keeps the answer inside ``schema`` (on the worker thread)."""
+        try:
+            import xgrammar
+            from xgrammar.contrib.hf import LogitsProcessor
+        except ImportError as exc:
+            raise BackendNotInstalledError("hf", "xgrammar", "hf", self.spec.name) from exc
+        if self._compiler is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+            self._compiler = xgrammar.GrammarCompiler(info)
+        try:
+            compiled = self._compiler.compile_json_schema(json.dumps(schema))
+        except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError for what it cannot compile
+            raise InvalidRequestError(f"xgrammar cannot compile this JSON schema: {exc}") from exc
+        return LogitsProcessor(compiled)
 
     def _submit(self, *args: Any) -> asyncio.Future[Generation]:
         if self._executor is None:

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator
@@ -33,7 +34,17 @@ from ..registry import resolve_file
 from ..system import cpu_count, default_threads
 from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
-from .base import Backend, Capabilities, Generation, Piece, Request, pieces_from_worker, parse_options
+from .base import (
+    Backend,
+    Capabilities,
+    Generation,
+    Piece,
+    Request,
+    chat_inputs,
+    parse_options,
+    pieces_from_worker,
+    request_schema,
+)
 
 try:
     import llama_cpp
@@ -72,6 +83,16 @@ class LlamaCppOptions(BaseModel):
     parallel: int = Field(1, ge=1, le=256)
 
 
+def schema_grammar(schema: dict[str, Any]) -> str:
+    """GBNF text for a JSON schema, by llama-cpp-python's own converter."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # noqa: BLE001 - the converter raises plain exceptions for what it cannot express
+        raise InvalidRequestError(f"llama.cpp cannot turn this JSON schema into a grammar: {type(exc).__name__}: {exc}") from exc
+
+
 def gpu_offload_supported() -> bool:
     """Whether this llama-cpp-python build can put layers on a GPU (CUDA, Metal, Vulkan...)."""
     return bool(llama_cpp.llama_supports_gpu_offload())
@@ -95,13 +116,14 @@ def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> 
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = Capabilities(streaming=True, batching=True, gpu_offload=True)  # batching: options.parallel > 1
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, gpu_offload=True)  # batching: options.parallel > 1
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
         self.options = parse_options(LlamaCppOptions, spec)
         self._llm: Any = None
         self._formatter: Any = None
+        self._template: str | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._cancels: set[threading.Event] = set()
         self._info: dict[str, Any] = {}
@@ -148,6 +170,7 @@ class LlamaCppBackend(Backend):
                 self.spec.name,
                 f"{path} has no chat template (a base model?); set options.chat_template in the registry",
             )
+        self._template = template
         eos, bos = llm.token_eos(), llm.token_bos()
         self._formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template,
@@ -211,6 +234,12 @@ class LlamaCppBackend(Backend):
                 f"known: {', '.join(sorted(EXTRA_DEFAULTS))}"
             )
         kw = {**EXTRA_DEFAULTS, **request.params.extra}
+        schema = request_schema(request)
+        if schema is not None:
+            if kw["grammar"] is not None:
+                raise InvalidRequestError("extra grammar and a JSON schema (response_format or a required tool call) "
+                                          "both constrain the answer: give one")
+            kw["grammar"] = schema_grammar(schema)
         if kw["grammar"] is not None:
             grammar = kw["grammar"]
             text = grammar if isinstance(grammar, str) else getattr(grammar, "_grammar", None)
@@ -235,7 +264,8 @@ class LlamaCppBackend(Backend):
 
     def _tokens(self, request: Request) -> tuple[list[int], int, list[str]]:
         """Prompt tokens, the max_tokens that fit, and the stop strings (runs on the worker)."""
-        fmt = self._formatter(messages=[{"role": m.role, "content": m.content} for m in request.messages])
+        messages, tools = chat_inputs(request, self._template)
+        fmt = self._formatter(messages=messages, tools=tools)
         tokens = self._llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
         max_tokens = fit_max_tokens(self.spec.name, len(tokens), self.spec.context_window, request.params)
         stops = list(request.params.stop) + [s for s in (fmt.stop or []) if s]

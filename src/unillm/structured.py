@@ -1,0 +1,466 @@
+"""Structured output and tool calls, the same on every backend: plain functions, no I/O.
+
+A call's ``response_format``, ``tools`` and ``tool_choice`` become one :class:`Structure`. It tells the
+backend what to constrain decoding to (``schema``, compiled by that backend's own machinery: llama.cpp's
+JSON-schema-to-GBNF, vLLM's structured outputs, xgrammar for transformers, Ollama's ``format``) and which
+tools to render in the prompt, and it turns the generated text back into an OpenAI message: JSON content
+checked against the schema (``message.parsed``), or ``tool_calls`` whose arguments are checked against the
+tool's parameters. Output that does not satisfy the schema, or that the token budget cut short, raises
+:class:`~unillm.errors.StructuredOutputError`; it is never returned as a success.
+
+Modes:
+
+- ``json``: ``response_format`` json_object / json_schema / a pydantic class. Content is JSON.
+- ``call``: ``tool_choice`` "required" or a named function. Decoding is constrained to one call,
+  ``{"name": ..., "arguments": {...}}``, which becomes ``tool_calls``.
+- ``auto``: tools are offered and the model chooses; calls are read from its own format (Hermes/Qwen
+  ``<tool_call>{...}</tool_call>``, or an answer that is a single ``{"name", "arguments"}`` object).
+
+Example:
+    >>> from unillm.structured import structure_of
+    >>> s = structure_of({"type": "json_schema", "json_schema": {"name": "city", "schema": {
+    ...     "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}, None, None)
+    >>> msg, finish = s.finish("m", '{"name": "Paris"}', "stop")
+    >>> msg.parsed, finish
+    ({'name': 'Paris'}, 'stop')
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidRequestError, StructuredOutputError
+from .types import FunctionCall, Message, ToolCall
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+#: A backend's own reader of tool calls: text -> (content outside the calls, [(name, arguments), ...]).
+ToolCallParser = Callable[[str], tuple[str, list[tuple[str, Any]]]]
+_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+#: The Hermes / Qwen2.5 instructions, used for chat templates that do not render ``tools`` themselves.
+TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    'XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def _validator(schema: Mapping[str, Any], what: str) -> Any:
+    import jsonschema
+
+    try:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidRequestError(f"{what} is not a valid JSON schema: {exc.message}") from exc
+    return cls(schema)
+
+
+def _problem(validator: Any, value: Any) -> str | None:
+    err = next(iter(sorted(validator.iter_errors(value), key=lambda e: e.path)), None)
+    if err is None:
+        return None
+    where = "/".join(str(p) for p in err.absolute_path)
+    return f"{err.message}" + (f" (at {where})" if where else "")
+
+
+# -- tools --------------------------------------------------------------------------------------------
+
+
+def tool_from_function(fn: Callable[..., Any]) -> dict[str, Any]:
+    """An OpenAI tool dict from a Python function's signature, type hints and docstring (Google style
+    ``Args:`` lines describe the parameters), as ollama-python accepts."""
+    from pydantic import create_model
+
+    sig = inspect.signature(fn)
+    doc = inspect.getdoc(fn) or ""
+    summary, _, rest = doc.partition("\n\n")
+    arg_docs: dict[str, str] = {}
+    for line in rest.splitlines() if "Args:" in doc or "Arguments:" in doc else []:
+        m = re.match(r"\s*(\w+)\s*(?:\([^)]*\))?\s*:\s*(.+)", line)
+        if m and m.group(1) in sig.parameters:
+            arg_docs[m.group(1)] = m.group(2).strip()
+    fields: dict[str, Any] = {}
+    for name, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.annotation is inspect.Parameter.empty:
+            raise InvalidRequestError(f"tool {fn.__name__!r}: parameter {name!r} has no type hint")
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[name] = (p.annotation, default)
+    try:
+        model: Any = create_model(fn.__name__, **fields)
+        params: dict[str, Any] = model.model_json_schema()
+    except Exception as exc:  # noqa: BLE001 - pydantic cannot describe a type
+        raise InvalidRequestError(f"tool {fn.__name__!r}: cannot describe its parameters as JSON schema: {exc}") from exc
+    params.pop("title", None)
+    for name, prop in params.get("properties", {}).items():
+        prop.pop("title", None)
+        if name in arg_docs:
+            prop["description"] = arg_docs[name]
+    return {"type": "function", "function": {"name": fn.__name__, "description": summary.strip(), "parameters": params}}
+
+
+def _tool(i: int, t: Any) -> dict[str, Any]:
+    if callable(t) and not isinstance(t, Mapping):
+        return tool_from_function(t)
+    if not isinstance(t, Mapping) or t.get("type", "function") != "function" or not isinstance(t.get("function"), Mapping):
+        raise InvalidRequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name', 'parameters'}}}} or a function")
+    fn = t["function"]
+    name = fn.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+        raise InvalidRequestError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, Mapping):
+        raise InvalidRequestError(f"tools[{i}].function.parameters must be a JSON schema object")
+    _validator(params, f"tools[{i}] ({name}) parameters")
+    out = {"name": name, "parameters": dict(params)}
+    if fn.get("description"):
+        out["description"] = str(fn["description"])
+    return {"type": "function", "function": out}
+
+
+def call_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The JSON schema of one call of one of ``tools``: ``{"name": ..., "arguments": {...}}``."""
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]}, "arguments": t["function"]["parameters"]},
+            "required": ["name", "arguments"],
+        }
+        for t in tools
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+# -- the structure of one request ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Structure:
+    """What one request's answer must look like, and how to read it (see the module docstring)."""
+
+    mode: Literal["json", "call", "auto"]
+    #: The JSON schema decoding is constrained to (json and call modes).
+    schema: dict[str, Any] | None = None
+    #: The tools to render in the prompt, in OpenAI's shape.
+    tools: tuple[dict[str, Any], ...] = ()
+    model_class: type | None = None
+    _validators: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def tool_validator(self, name: str) -> Any:
+        return self._validators.get(name)
+
+    # -- reading the output ----------------------------------------------------------------------------
+
+    def finish(self, model: str, text: str, finish_reason: str, parser: ToolCallParser | None = None) -> tuple[Message, str]:
+        """The assistant message for a finished generation, and its finish reason.
+
+        ``parser`` reads tool calls in ``auto`` mode where the backend has its library's own parser (vLLM's
+        tool parsers); without one, unillm reads the Hermes ``<tool_call>`` format."""
+        if finish_reason == "cancelled":
+            return Message("assistant", text), finish_reason
+        if self.mode == "json":
+            return Message("assistant", text, parsed=self._json(model, text, finish_reason)), finish_reason
+        if self.mode == "call":
+            call = self._json(model, text, finish_reason)
+            return Message("assistant", None, tool_calls=[self._call(model, call)]), "tool_calls"
+        if parser is not None:
+            content, raw = parser(text)
+            calls = [self._call(model, {"name": name, "arguments": args}) for name, args in raw]
+        if parser is None or (not calls and TOOL_CALL_OPEN in text):  # the parser gave up on a malformed call
+            content, calls = self.split_calls(model, text, finish_reason)
+        if not calls:
+            return Message("assistant", text), finish_reason
+        return Message("assistant", content or None, tool_calls=calls), "tool_calls"
+
+    def _json(self, model: str, text: str, finish_reason: str) -> Any:
+        if finish_reason == "length":
+            raise StructuredOutputError(
+                model, "the token budget (max_tokens) ran out before the JSON answer was complete; raise max_tokens", text
+            )
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise StructuredOutputError(model, f"the answer is not JSON ({exc})", text) from exc
+        if self.mode == "json":
+            assert self.schema is not None
+            problem = _problem(self._validators["$response"], value)
+            if problem:
+                raise StructuredOutputError(model, f"the answer does not match the JSON schema: {problem}", text)
+            if self.model_class is not None:
+                try:
+                    return self.model_class.model_validate(value)  # type: ignore[attr-defined]
+                except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError
+                    raise StructuredOutputError(model, f"the answer does not validate as {self.model_class.__name__}: {exc}", text) from exc
+        return value
+
+    def _call(self, model: str, call: Any) -> ToolCall:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise StructuredOutputError(model, f"a tool call must be {{'name', 'arguments'}}, got {call!r}", json.dumps(call))
+        name = call["name"]
+        args = call.get("arguments", call.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError as exc:
+                raise StructuredOutputError(model, f"the arguments of the call of {name!r} are not JSON", args) from exc
+        validator = self._validators.get(name)
+        if validator is None:
+            known = ", ".join(t["function"]["name"] for t in self.tools)
+            raise StructuredOutputError(model, f"the model called {name!r}, which is not one of the tools ({known})", json.dumps(call))
+        problem = _problem(validator, args)
+        if problem:
+            raise StructuredOutputError(model, f"the arguments of the call of {name!r} do not match its parameters: {problem}", json.dumps(call))
+        return ToolCall(new_call_id(), FunctionCall(name, json.dumps(args, ensure_ascii=False)))
+
+    def split_calls(self, model: str, text: str, finish_reason: str) -> tuple[str, list[ToolCall]]:
+        """(the text outside tool calls, the calls) of an ``auto`` answer."""
+        if TOOL_CALL_OPEN in text:
+            if finish_reason == "length" and TOOL_CALL_CLOSE not in text.rsplit(TOOL_CALL_OPEN, 1)[1]:
+                raise StructuredOutputError(model, "the token budget (max_tokens) ran out inside a tool call; raise max_tokens", text)
+            calls = []
+            for body in _CALL_RE.findall(text):
+                try:
+                    calls.append(self._call(model, json.loads(body)))
+                except ValueError as exc:
+                    raise StructuredOutputError(model, f"a <tool_call> block is not JSON ({exc})", text) from exc
+            return _CALL_RE.sub("", text).strip(), calls
+        stripped = text.strip()
+        if stripped.startswith("{") and stripped.endswith("}"):
+            try:
+                value = json.loads(stripped)
+            except ValueError:
+                return text, []
+            if isinstance(value, dict) and value.get("name") in self._validators and set(value) <= {"name", "arguments", "parameters"}:
+                return "", [self._call(model, value)]
+        return text, []
+
+    def streamer(self, parser: ToolCallParser | None = None) -> StreamShaper:
+        return StreamShaper(self, parser)
+
+
+class StreamShaper:
+    """Turns a stream of generated text into content deltas and, at the end, tool calls.
+
+    ``json`` streams the JSON text as it comes and checks it at the end; ``call`` holds everything back
+    until the call is complete; ``auto`` streams text until a tool call may be starting, then holds back.
+    """
+
+    def __init__(self, structure: Structure, parser: ToolCallParser | None = None) -> None:
+        self.s = structure
+        self.parser = parser
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, piece: str) -> str:
+        """The content that can be streamed now."""
+        self.text += piece
+        if self.s.mode == "call":
+            return ""
+        if self.s.mode == "auto":
+            upto = self._safe_upto()
+        else:
+            upto = len(self.text)
+        out, self.sent = self.text[self.sent : upto], max(self.sent, upto)
+        return out
+
+    def _safe_upto(self) -> int:
+        if TOOL_CALL_OPEN in self.text:
+            return min(self.sent, self.text.index(TOOL_CALL_OPEN))
+        if self.text.lstrip().startswith("{"):
+            return self.sent  # perhaps a bare {"name", "arguments"} call: hold back until the end
+        keep = 0
+        for n in range(min(len(TOOL_CALL_OPEN) - 1, len(self.text)), 0, -1):
+            if self.text.endswith(TOOL_CALL_OPEN[:n]):
+                keep = n
+                break
+        return len(self.text) - keep
+
+    def end(self, model: str, finish_reason: str) -> tuple[str, list[dict[str, Any]] | None, str]:
+        """(content not yet streamed, tool-call deltas or None, finish reason) at the end of the stream."""
+        msg, finish = self.s.finish(model, self.text, finish_reason, self.parser)
+        if not msg.tool_calls:
+            return self.text[self.sent :], None, finish
+        rest = (msg.content or "")[self.sent :] if self.s.mode == "auto" else ""
+        deltas = [dict(index=i, **tc.to_dict()) for i, tc in enumerate(msg.tool_calls)]
+        return rest, deltas, finish
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def response_schema(response_format: Any) -> tuple[dict[str, Any] | None, type | None]:
+    """(the JSON schema the answer must match, the pydantic class to parse it into) of a response_format."""
+    if response_format is None:
+        return None, None
+    if isinstance(response_format, type):
+        if not hasattr(response_format, "model_json_schema"):
+            raise InvalidRequestError(f"response_format must be a dict or a pydantic model class, got {response_format.__name__}")
+        return response_format.model_json_schema(), response_format
+    if not isinstance(response_format, Mapping):
+        raise InvalidRequestError(f"response_format must be a dict or a pydantic model class, got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None, None
+    if kind == "json_object":
+        schema = response_format.get("schema")  # llama-cpp-python's and vLLM's extension
+        return (dict(schema) if isinstance(schema, Mapping) else {"type": "object"}), None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), Mapping):
+            raise InvalidRequestError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        return dict(spec["schema"]), None
+    raise InvalidRequestError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
+
+
+def structure_of(response_format: Any, tools: Any, tool_choice: Any) -> Structure | None:
+    """The :class:`Structure` of a call's ``response_format``, ``tools`` and ``tool_choice`` (None: free text)."""
+    schema, model_class = response_schema(response_format)
+    if tools is not None and (isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence)):
+        raise InvalidRequestError("tools must be a list of tools")
+    tool_list = [_tool(i, t) for i, t in enumerate(tools or [])]
+    names = [t["function"]["name"] for t in tool_list]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"tools have duplicate names: {names}")
+    choice = tool_choice if tool_choice is not None else ("auto" if tool_list else "none")
+    if isinstance(choice, Mapping):
+        fn = choice.get("function") if choice.get("type", "function") == "function" else None
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if name not in names:
+            raise InvalidRequestError(f"tool_choice names {name!r}, which is not one of the tools {names}")
+        chosen = [t for t in tool_list if t["function"]["name"] == name]
+    elif choice in ("auto", "none", "required"):
+        chosen = tool_list
+        if choice != "none" and not tool_list:
+            raise InvalidRequestError(f"tool_choice {choice!r} needs tools")
+    else:
+        raise InvalidRequestError(f"tool_choice must be auto, none, required or {{'type': 'function', 'function': {{'name'}}}}, got {choice!r}")
+    validators = {t["function"]["name"]: _validator(t["function"]["parameters"], "tool parameters") for t in tool_list}
+    if choice == "none" or not tool_list:
+        if schema is None:
+            return None
+        validators["$response"] = _validator(schema, "response_format's schema")
+        return Structure("json", schema, (), model_class, validators)
+    if schema is not None:
+        raise InvalidRequestError("response_format and tools together: unillm constrains one or the other; "
+                                  "use tool_choice 'none' for a JSON answer, or drop response_format")
+    if choice == "auto":
+        return Structure("auto", None, tuple(tool_list), None, validators)
+    return Structure("call", call_schema(chosen), tuple(tool_list), None, validators)
+
+
+# -- messages -----------------------------------------------------------------------------------------
+
+_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+
+
+def _content(i: int, content: Any) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise InvalidRequestError(f"messages[{i}].content[{k}] is a {kind!r} part; unillm's models take text parts only")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequestError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+
+
+def _tool_calls(i: int, calls: Any) -> list[ToolCall] | None:
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        raise InvalidRequestError(f"messages[{i}].tool_calls must be a list")
+    out = []
+    for k, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise InvalidRequestError(f"messages[{i}].tool_calls[{k}] needs function.name")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)  # Ollama's clients send an object
+        out.append(ToolCall(str(c.get("id") or new_call_id()), FunctionCall(fn["name"], args)))
+    return out
+
+
+def message_from_dict(i: int, m: Mapping[str, Any]) -> Message:
+    """One message of a request, in the shapes OpenAI code sends."""
+    unknown = set(m) - _MESSAGE_KEYS
+    if unknown:
+        raise InvalidRequestError(f"messages[{i}] has unknown keys {sorted(unknown)}")
+    if "role" not in m or ("content" not in m and not m.get("tool_calls")):
+        raise InvalidRequestError(f"messages[{i}] needs both 'role' and 'content'")
+    role = m["role"]
+    calls = _tool_calls(i, m.get("tool_calls"))
+    if calls and role != "assistant":
+        raise InvalidRequestError(f"messages[{i}] has tool_calls but role {role!r}; only assistant messages call tools")
+    tool_call_id = m.get("tool_call_id")
+    if tool_call_id is not None and not isinstance(tool_call_id, str):
+        raise InvalidRequestError(f"messages[{i}].tool_call_id must be a string")
+    name = m.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequestError(f"messages[{i}].name must be a string")
+    return Message(role, _content(i, m.get("content")), name, calls, tool_call_id)
+
+
+def template_dicts(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]], template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Messages (and tools) for a chat template.
+
+    A template that renders ``tools`` itself (Qwen2.5, Llama 3.1, Hermes...) gets them, with tool calls'
+    arguments as objects as those templates expect. One that does not (SmolLM2) gets the Hermes
+    instructions in its system message, earlier calls as ``<tool_call>`` text and tool results as
+    ``<tool_response>`` user turns, the format the model is then asked to answer in.
+    """
+    native = template is not None and "tools" in template
+    has_tools_history = any(m.tool_calls or m.role == "tool" for m in messages)
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if native or not (tools or has_tools_history):
+            d: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+            if m.tool_calls:
+                d["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": loads_arguments(c.function.arguments)}}
+                    for c in m.tool_calls
+                ]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                d["name"] = m.name
+            out.append(d)
+        elif m.role == "tool":
+            out.append({"role": "user", "content": f"<tool_response>\n{m.content or ''}\n</tool_response>"})
+        elif m.tool_calls:
+            calls = "\n".join(
+                f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(c.function.name)}, "arguments": {c.function.arguments}}}\n{TOOL_CALL_CLOSE}'
+                for c in m.tool_calls
+            )
+            out.append({"role": "assistant", "content": ((m.content or "") + "\n" + calls).strip()})
+        else:
+            out.append({"role": m.role, "content": m.content or ""})
+    if native:
+        return out, [dict(t) for t in tools] or None
+    if tools:
+        block = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{block}"}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out, None
+
+
+def loads_arguments(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
