@@ -279,3 +279,86 @@ def test_client_disconnect_cancels_the_generation(tmp_path):
         assert "Paris" in r.message.content
     finally:
         stop(proc)
+
+
+# -- structured output and tools over HTTP (the official clients, and the Ollama backend through serve) ------
+
+
+def test_openai_client_json_schema_and_tools(server):
+    from test_structured import CITY, SCHEMAS, WEATHER_Q, json_schema, weather_tool
+
+    import jsonschema
+
+    with openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0) as client:
+        r = client.chat.completions.create(model="smollm2", messages=CITY, max_tokens=200, temperature=0, seed=0,
+                                           response_format=json_schema(SCHEMAS["nested"]))
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS["nested"])
+        r = client.chat.completions.create(model="smollm2", messages=WEATHER_Q, max_tokens=80, temperature=0,
+                                           tools=[weather_tool()], tool_choice="required")
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), weather_tool()["function"]["parameters"])
+        stream = client.chat.completions.create(model="smollm2", messages=WEATHER_Q, max_tokens=80, temperature=0,
+                                                tools=[weather_tool()], tool_choice="required", stream=True,
+                                                stream_options={"include_usage": True})
+        chunks = list(stream)
+        deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        assert deltas[0].function.name == "get_weather"
+        assert json.loads(deltas[0].function.arguments) == json.loads(call.function.arguments)
+        assert chunks[-1].choices[0].finish_reason == "tool_calls" and chunks[-1].usage.completion_tokens > 0
+        # The tool-result turn, as OpenAI code sends it back.
+        history = WEATHER_Q + [r.choices[0].message.model_dump(exclude_none=True),
+                               {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 31}'}]
+        answer = client.chat.completions.create(model="smollm2", messages=history, max_tokens=32, temperature=0)
+        assert answer.choices[0].message.content
+
+
+@pytest.mark.parametrize(("field", "value"), [("n", 2), ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}),
+                                              ("frequency_penalty", 0.5), ("no_such_field", 1)])
+def test_openai_fields_that_would_change_the_answer_are_refused(server, field, value):
+    with openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4, extra_body={field: value})
+    assert field in str(e.value)
+
+
+def test_ollama_client_format_and_tools(server):
+    from test_structured import CITY, HERMES_CALL, SCHEMAS, WEATHER_Q, weather_tool
+
+    import jsonschema
+
+    with ollama.Client(host=server) as c:
+        r = c.chat(model="smollm2", messages=CITY, format=SCHEMAS["nested"], options={"temperature": 0, "num_predict": 200})
+        jsonschema.validate(json.loads(r.message.content), SCHEMAS["nested"])
+        r = c.chat(model="smollm2", messages=CITY[:1] + [{"role": "user", "content": "Name the capital of France."}],
+                   format="json", options={"temperature": 0, "num_predict": 120})
+        assert isinstance(json.loads(r.message.content), dict)
+        # SmolLM2 rarely chooses a tool by itself: pin its output to a Hermes call (a GBNF grammar option).
+        pin = {"temperature": 0, "num_predict": 80, "grammar": f"root ::= {json.dumps(HERMES_CALL)}"}
+        r = c.chat(model="smollm2", messages=WEATHER_Q, tools=[weather_tool()], options=pin)
+        assert r.message.tool_calls[0].function.name == "get_weather"
+        assert r.message.tool_calls[0].function.arguments == {"city": "Paris", "unit": "celsius"}
+        parts = list(c.chat(model="smollm2", messages=WEATHER_Q, tools=[weather_tool()], options=pin, stream=True))
+        assert [t.function.name for p in parts for t in p.message.tool_calls or []] == ["get_weather"]
+        assert parts[-1].done
+        # The tool-result turn in Ollama's shape: the call echoed back, the result with tool_name.
+        history = WEATHER_Q + [r.message.model_dump(exclude_none=True), {"role": "tool", "content": "31 degrees", "tool_name": "get_weather"}]
+        assert c.chat(model="smollm2", messages=history, options={"temperature": 0, "num_predict": 24}).message.content
+
+
+def test_ollama_backend_structured_through_serve(server, write_config):
+    """The Ollama backend: format= for schemas and required calls, tools= for auto (calls come back as
+    objects without ids from Ollama, and leave unillm as OpenAI tool calls with JSON-string arguments)."""
+    from test_structured import CITY, HERMES_CALL, SCHEMAS, WEATHER_Q, check_call, json_schema, weather_tool
+
+    import jsonschema
+
+    with Engine(write_config(via(server))) as eng:
+        r = eng.chat("remote", CITY, max_tokens=200, response_format=json_schema(SCHEMAS["nested"]), **GREEDY)
+        jsonschema.validate(r.choices[0].message.parsed, SCHEMAS["nested"])
+        r = eng.chat("remote", WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", **GREEDY)
+        check_call(r.choices[0].message.tool_calls[0], weather_tool())
+        pin = {"grammar": f"root ::= {json.dumps(HERMES_CALL)}"}
+        r = eng.chat("remote", WEATHER_Q, max_tokens=80, tools=[weather_tool()], extra=pin, **GREEDY)
+        assert r.finish_reason == "tool_calls"
+        assert check_call(r.choices[0].message.tool_calls[0], weather_tool()) == {"city": "Paris", "unit": "celsius"}

