@@ -33,6 +33,7 @@ from .errors import (
     EngineClosedError,
     GenerationError,
     ModelLoadError,
+    ModelUnloadedError,
     UnillmError,
 )
 from .params import ChatParams, merge_params, validate_messages
@@ -127,6 +128,8 @@ class _Core:
         try:
             with _generation_errors(spec.name):
                 gen: Generation = await backend.generate(req)
+            if gen.finish_reason == "cancelled":  # only unload or close stops a call that nobody cancelled
+                raise ModelUnloadedError(spec.name)
             if structure is not None:
                 message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure))
             else:
@@ -190,6 +193,8 @@ class _Core:
                             role = None
                         continue
                     finish, calls = piece.finish_reason, None
+                    if finish == "cancelled":  # the stream is still being read: unload or close stopped it
+                        raise ModelUnloadedError(spec.name)
                     if shaper is not None:
                         rest, calls, finish = shaper.end(spec.name, piece.finish_reason)
                         text += rest

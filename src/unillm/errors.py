@@ -12,7 +12,8 @@ Every error unillm raises derives from :class:`UnillmError`, so one ``except`` c
     ├── InvalidRequestError          bad messages or parameter values
     │   └── ContextWindowExceededError   prompt (+ max_tokens) over the model's context window
     ├── GenerationError              the backend failed while generating
-    │   └── StructuredOutputError        the answer does not match the schema or tool (or was cut short)
+    │   ├── StructuredOutputError        the answer does not match the schema or tool (or was cut short)
+    │   └── ModelUnloadedError           the model was unloaded (or the engine closed) mid-request
     └── EngineClosedError            the Engine was used after close()
 
 Errors are raised for one request and never poison the engine: after any of them except
@@ -136,6 +137,15 @@ class StructuredOutputError(GenerationError):
     def __init__(self, model: str, reason: str, text: str = "") -> None:
         super().__init__(model, reason)
         self.text = text
+
+
+class ModelUnloadedError(GenerationError):
+    """The model was unloaded, or the engine closed, while this request was running: its answer is
+    incomplete and is not returned."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model, "the model was unloaded (or the engine closed) while this request was running; "
+                         "its answer is incomplete")
 
 
 class EngineClosedError(UnillmError):

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import BackendNotInstalledError, GenerationError, InvalidRequestError, ModelLoadError
+from ..errors import BackendNotInstalledError, InvalidRequestError, ModelLoadError, ModelUnloadedError
 from ..convert import model_folder
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
@@ -116,6 +116,7 @@ class HFBackend(Backend):
         self.tokenizer: Any = None
         self.device = "cpu"
         self._compiler: Any = None
+        self._cancels: set[threading.Event] = set()
 
     async def load(self) -> None:
         folder = await asyncio.to_thread(model_folder, self.spec)
@@ -146,16 +147,18 @@ class HFBackend(Backend):
         return 1
 
     async def aclose(self) -> None:
+        for cancel in list(self._cancels):  # running requests stop at their next token
+            cancel.set()
         executor, self._executor = self._executor, None
-        self.model = None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, True)
+        self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
     def _run(self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None) -> Generation:
         if self.model is None:
-            raise GenerationError(self.spec.name, "the model was unloaded")
+            raise ModelUnloadedError(self.spec.name)
         if request.params.extra:
             raise InvalidRequestError(f"the hf backend takes no extra options (got {sorted(request.params.extra)})")
         msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
@@ -204,21 +207,31 @@ class HFBackend(Backend):
 
     def _submit(self, *args: Any) -> asyncio.Future[Generation]:
         if self._executor is None:
-            raise GenerationError(self.spec.name, "the model was unloaded")
+            raise ModelUnloadedError(self.spec.name)
         return asyncio.get_running_loop().run_in_executor(self._executor, self._run, *args)
 
     async def generate(self, request: Request) -> Generation:
         cancel = threading.Event()
+        self._cancels.add(cancel)
         try:
             return await self._submit(request, cancel, None)
         except asyncio.CancelledError:
             cancel.set()
             raise
+        finally:
+            self._cancels.discard(cancel)
 
-    def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
+    async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
         cancel = threading.Event()
+        self._cancels.add(cancel)
 
         async def start(emit: Callable[[Piece], None]) -> asyncio.Future[Generation]:
             return self._submit(request, cancel, emit)
 
-        return pieces_from_worker(start, cancel)
+        pieces = pieces_from_worker(start, cancel)
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            await pieces.aclose()
+            self._cancels.discard(cancel)

@@ -26,9 +26,9 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import BackendNotInstalledError, GenerationError, InvalidRequestError, ModelLoadError
+from ..errors import BackendNotInstalledError, GenerationError, InvalidRequestError, ModelLoadError, ModelUnloadedError
 from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..system import cpu_count, default_threads
@@ -52,21 +52,45 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
     raise BackendNotInstalledError("llamacpp", "llama-cpp-python", "llamacpp") from _exc
 
-#: Sampling options a call may pass through ``extra=``, with llama.cpp's chat defaults.
-EXTRA_DEFAULTS: dict[str, Any] = {
-    "top_k": 40,
-    "min_p": 0.05,
-    "typical_p": 1.0,
-    "repeat_penalty": 1.0,
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-    "tfs_z": 1.0,
-    "mirostat_mode": 0,
-    "mirostat_tau": 5.0,
-    "mirostat_eta": 0.1,
-    "grammar": None,
-    "logits_processor": None,
-}
+class ExtraSampling(BaseModel):
+    """Sampling options a call may pass through ``extra=``, with llama.cpp's chat defaults. Each value is
+    checked here, on the caller's side: a bad one must never reach the batcher's thread."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, ge=0.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    tfs_z: float = Field(1.0, gt=0.0, le=1.0)
+    mirostat_mode: int = Field(0, ge=0, le=2)
+    mirostat_tau: float = Field(5.0, gt=0.0)
+    mirostat_eta: float = Field(0.1, gt=0.0)
+    grammar: Any = None
+    logits_processor: Any = None
+
+    @field_validator("min_p", "typical_p", "repeat_penalty", "frequency_penalty", "presence_penalty", "tfs_z",
+                     "mirostat_tau", "mirostat_eta", mode="before")
+    @classmethod
+    def _ints_are_floats(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def extra_sampling(extra: dict[str, Any]) -> dict[str, Any]:
+    """The call's ``extra`` options checked and filled with defaults; InvalidRequestError names the key."""
+    try:
+        return dict(ExtraSampling.model_validate(extra))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            unknown = sorted(set(extra) - set(ExtraSampling.model_fields))
+            raise InvalidRequestError(
+                f"unknown extra option(s) {unknown} for the llamacpp backend; known: {', '.join(sorted(ExtraSampling.model_fields))}"
+            ) from None
+        raise InvalidRequestError(f"extra.{key}={extra.get(key)!r}: {err['msg']}") from None
 
 
 class LlamaCppOptions(BaseModel):
@@ -223,17 +247,11 @@ class LlamaCppBackend(Backend):
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         if self._executor is None:
-            raise GenerationError(self.spec.name, "the model was unloaded")
+            raise ModelUnloadedError(self.spec.name)
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _sampling(self, request: Request, failures: list[BaseException]) -> dict[str, Any]:
-        unknown = set(request.params.extra) - set(EXTRA_DEFAULTS)
-        if unknown:
-            raise InvalidRequestError(
-                f"unknown extra option(s) {sorted(unknown)} for the llamacpp backend; "
-                f"known: {', '.join(sorted(EXTRA_DEFAULTS))}"
-            )
-        kw = {**EXTRA_DEFAULTS, **request.params.extra}
+        kw = extra_sampling(request.params.extra)
         schema = request_schema(request)
         if schema is not None:
             if kw["grammar"] is not None:
@@ -275,7 +293,7 @@ class LlamaCppBackend(Backend):
         """The token loop, on the model's worker thread. ``emit`` receives pieces when streaming."""
         llm = self._llm
         if llm is None:
-            raise GenerationError(self.spec.name, "the model was unloaded")
+            raise ModelUnloadedError(self.spec.name)
         failures: list[BaseException] = []
         kw = self._sampling(request, failures)
         tokens, max_tokens, stops = self._tokens(request)
@@ -307,8 +325,8 @@ class LlamaCppBackend(Backend):
 
     def _job(self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None) -> SeqJob:
         """Tokenize and check a request for the batcher (on the worker thread)."""
-        check_batchable(self.spec.name, request.params.extra)
         sampling = self._sampling(request, [])
+        check_batchable(self.spec.name, request.params.extra)
         tokens, max_tokens, stops = self._tokens(request)
         return SeqJob(request, tokens, TokenText(request, len(tokens), max_tokens, stops), sampling, emit, cancel)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import llama_cpp
 
-from ..errors import GenerationError, ModelLoadError, UnsupportedFeatureError
+from ..errors import GenerationError, ModelLoadError, ModelUnloadedError, UnsupportedFeatureError
 from ._text import TokenText
 from .base import Generation, Piece, Request
 
@@ -93,7 +93,7 @@ class Batcher:
 
     def submit(self, job: SeqJob) -> None:
         if self._closing:
-            raise GenerationError(self.name, "the model was unloaded")
+            raise ModelUnloadedError(self.name)
         self.jobs.put(job)
 
     def close(self) -> None:
@@ -134,19 +134,26 @@ class Batcher:
         for slot in self.slots:
             if slot is not None:
                 slot.job.cancel.set()
+                slot.job.text.finish = "cancelled"
                 self._finish(slot)
         for job in self.waiting:
-            job.future.set_exception(GenerationError(self.name, "the model was unloaded"))
+            job.future.set_exception(ModelUnloadedError(self.name))
 
     def _admit(self) -> None:
         for i, slot in enumerate(self.slots):
             if slot is None and self.waiting:
                 job = self.waiting.pop(0)
-                if job.cancel.is_set():
-                    job.text.finish = "cancelled"
-                    self._resolve(job)
+                try:
+                    if job.cancel.is_set():
+                        job.text.finish = "cancelled"
+                        self._resolve(job)
+                        continue
+                    sampler = self._sampler(job)
+                except Exception as exc:  # noqa: BLE001 - this request alone fails; the thread goes on
+                    if not job.future.done():
+                        job.future.set_exception(GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
                     continue
-                self.slots[i] = _Slot(i, job, self._sampler(job), prompt_left=list(job.tokens))
+                self.slots[i] = _Slot(i, job, sampler, prompt_left=list(job.tokens))
 
     def _sampler(self, job: SeqJob) -> Any:
         kw, p = job.sampling, job.request.params
@@ -226,7 +233,8 @@ class Batcher:
 
     def _release(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-        llama_cpp.llama_sampler_free(slot.sampler)
+        if slot.sampler is not None:
+            llama_cpp.llama_sampler_free(slot.sampler)
         self.slots[slot.seq] = None
 
     def _finish(self, slot: _Slot) -> None:

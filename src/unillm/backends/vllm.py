@@ -38,6 +38,7 @@ from ..errors import (
     GenerationError,
     InvalidRequestError,
     ModelLoadError,
+    ModelUnloadedError,
 )
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
@@ -238,7 +239,7 @@ class VLLMBackend(Backend):
 
     async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
         if self.engine is None:
-            raise GenerationError(self.spec.name, "the model was unloaded")
+            raise ModelUnloadedError(self.spec.name)
         ids, sp = self._prepare(request)
         outputs = self.engine.generate(TokensPrompt(prompt_token_ids=ids), sp, request.id)  # type: ignore[typeddict-item]
         n, first_at = 0, None
@@ -257,6 +258,10 @@ class VLLMBackend(Backend):
                     return
                 if o.text:
                     yield Piece(o.text)
+        except Exception as exc:
+            if self.engine is None:  # unload or close shut the engine down under this request
+                raise ModelUnloadedError(self.spec.name) from exc
+            raise
         finally:
             await outputs.aclose()  # early close: vLLM aborts the request
 
