@@ -103,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=11434)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set UNILLM_API_KEY)")
     srv.add_argument("--load", action="append", metavar="MODEL", help="load a model before serving (repeatable)")
+    srv.add_argument("--allow-host", action="append", metavar="NAME",
+                     help="a Host name this server answers to besides localhost and the bound address (repeatable; * for any)")
+    srv.add_argument("--max-body", type=int, default=16 * 2**20, metavar="BYTES", help="largest request body (default 16 MiB)")
+    srv.add_argument("--max-queue", type=int, default=256, metavar="N",
+                     help="generation requests in flight before new ones get 503 (default 256)")
     _add_config(srv)
 
     conv = sub.add_parser("convert", help="make the safetensors folder of a GGUF model (for vLLM and transformers)")
@@ -239,7 +244,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     print(f"unillm {__version__} serving on http://{args.host}:{args.port} "
           "(Ollama API under /api, OpenAI API under /v1)", flush=True)
-    serve(args.host, args.port, args.api_key or os.environ.get("UNILLM_API_KEY"), args.config, args.load)
+    serve(args.host, args.port, args.api_key or os.environ.get("UNILLM_API_KEY"), args.config, args.load,
+          allow_hosts=args.allow_host, max_body_bytes=args.max_body, max_queue=args.max_queue)
     return 0
 
 

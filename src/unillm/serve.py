@@ -13,15 +13,19 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Optional, Union
+from urllib.parse import urlsplit
 
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -38,6 +42,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .params import PARAMS
+from .serve_guard import Guard
 from .structured import loads_arguments
 from .types import ChatCompletion, ChatCompletionChunk
 
@@ -52,6 +57,55 @@ _OPENAI_NEUTRAL: dict[str, Any] = {
 #: OpenAI fields that do not change the answer.
 _OPENAI_IGNORED = {"model", "messages", "stream", "stream_options", "user", "max_completion_tokens", "metadata",
                    "store", "service_tier", "parallel_tool_calls"}
+
+
+class _OllamaBody(BaseModel):
+    """The fields of /api/chat and /api/generate. Those that would change the answer and that unillm cannot
+    honour are refused by name (see :func:`_refuse_unsupported`); unknown fields are refused too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    messages: Optional[list[Any]] = None
+    prompt: Optional[StrictStr] = None
+    system: Optional[StrictStr] = None
+    stream: StrictBool = True
+    format: Union[StrictStr, dict[str, Any], None] = None
+    options: Optional[dict[str, Any]] = None
+    keep_alive: Union[StrictStr, float, None] = None
+    tools: Optional[list[Any]] = None
+    # Ollama features unillm does not implement: accepted only at their neutral value.
+    images: Optional[list[Any]] = None
+    suffix: Optional[StrictStr] = None
+    template: Optional[StrictStr] = None
+    raw: Optional[StrictBool] = None
+    context: Optional[list[Any]] = None
+    think: Union[StrictBool, StrictStr, None] = None
+
+
+class _OpenAIBody(BaseModel):
+    """The top-level types of /v1/chat/completions; each parameter's value is checked by unillm.params."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    messages: list[Any]
+    stream: StrictBool = False
+    stream_options: Optional[dict[str, Any]] = None
+
+
+_OLLAMA_UNSUPPORTED = ("images", "suffix", "template", "raw", "context", "think")
+
+
+def _typed(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """A request body as its typed model; the first problem is an InvalidRequestError naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InvalidRequestError(f"{field}: {msg}") from None
 
 
 def _status(exc: UnillmError) -> int:
@@ -76,8 +130,9 @@ def _ollama_params(body: dict[str, Any]) -> dict[str, Any]:
     opts = dict(body.get("options") or {})
     params: dict[str, Any] = {dst: opts.pop(src) for src, dst in _OLLAMA_OPTIONS.items() if src in opts}
     opts.pop("num_ctx", None)  # the registry's context window rules
-    if params.get("max_tokens") is not None and params["max_tokens"] < 0:
-        del params["max_tokens"]  # Ollama's -1: until the context is full
+    mt = params.get("max_tokens")
+    if isinstance(mt, int) and not isinstance(mt, bool) and mt < 0:
+        del params["max_tokens"]  # Ollama's -1 (and -2): until the context is full
     fmt = body.get("format")
     if fmt == "json":
         params["response_format"] = {"type": "json_object"}
@@ -151,8 +206,15 @@ def _ollama_final(r: ChatCompletion | ChatCompletionChunk, key: str, content: st
     return out
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
-    """The ASGI app over ``engine`` (the caller owns the engine and closes it)."""
+def create_app(
+    engine: Engine, api_key: str | None = None, *, bind_host: str = "127.0.0.1", bind_port: int = 11434,
+    allow_hosts: list[str] | None = None, max_body_bytes: int = 16 * 2**20, max_queue: int = 256,
+) -> Starlette:
+    """The ASGI app over ``engine`` (the caller owns the engine and closes it).
+
+    ``bind_host``/``bind_port`` are where it listens (for the Host check and to refuse proxying an Ollama
+    model into itself); ``allow_hosts`` adds names it answers to; bodies over ``max_body_bytes`` are a 413;
+    beyond ``max_queue`` generation requests in flight, a 503 with ``Retry-After``."""
 
     def error(exc: UnillmError, openai: bool) -> JSONResponse:
         body: dict[str, Any] = (
@@ -161,13 +223,66 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         return JSONResponse(body, status_code=_status(exc))
 
     async def body_of(request: Request) -> dict[str, Any]:
+        raw = await request.body()
         try:
-            data = await request.json()
+            data = json.loads(raw)
         except ValueError as exc:
             raise InvalidRequestError(f"the request body is not JSON: {exc}") from exc
+        except RecursionError:
+            raise InvalidRequestError("the request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise InvalidRequestError("the request body must be a JSON object")
         return data
+
+    def check_not_self(model: str) -> None:
+        """An Ollama-backend model whose daemon is this very server would call itself forever."""
+        from .system import ollama_host
+
+        spec = engine.registry.get(model)
+        if spec.backend != "ollama" or spec.options.get("local_store") == "always":
+            return
+        target = urlsplit(ollama_host(spec))
+        local = {"localhost", "127.0.0.1", "::1", bind_host.strip("[]")} | ({"0.0.0.0", "::"} if bind_host in ("0.0.0.0", "::") else set())
+        if target.port == bind_port and (target.hostname or "") in local:
+            raise BackendUnavailableError(
+                f"model {spec.name!r} is served by the Ollama daemon at {ollama_host(spec)}, which is this unillm server "
+                "itself: start Ollama on another port, or serve unillm on another one (--port)"
+            )
+
+    busy = 0
+
+    async def admitted(request: Request, work: Callable[[], Awaitable[Response]], openai: bool) -> Response:
+        """Run a generation endpoint within the queue bound (503 + Retry-After beyond it); a non-streaming
+        request whose client disconnects is cancelled."""
+        nonlocal busy
+        if busy >= max_queue:
+            full = error(BackendUnavailableError(f"{busy} requests are queued, the limit (--max-queue) is {max_queue}"), openai)
+            full.headers["Retry-After"] = "1"
+            return full
+        busy += 1
+        try:
+            task = asyncio.ensure_future(work())
+            gone = asyncio.ensure_future(_disconnected(request))
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                return Response(status_code=499)
+            gone.cancel()
+            resp = task.result()
+        except BaseException:
+            busy -= 1
+            raise
+        if isinstance(resp, StreamingResponse):  # the stream holds its place until it ends
+            resp.background = BackgroundTask(release)
+        else:
+            busy -= 1
+        return resp
+
+    async def release() -> None:
+        nonlocal busy
+        busy -= 1
 
     def ndjson(gen: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
         async def lines() -> AsyncIterator[bytes]:
@@ -179,16 +294,21 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
     async def ollama_chat(request: Request, generate: bool) -> Response:
         try:
             body = await body_of(request)
-            model = body.get("model") or ""
+            typed = _typed(_OllamaBody, body)
+            for name in _OLLAMA_UNSUPPORTED:
+                if getattr(typed, name) not in (None, False, "", []):
+                    raise InvalidRequestError(f"{name} is not supported by unillm")
+            model = typed.model
+            check_not_self(model)
             if generate:
-                messages = ([{"role": "system", "content": body["system"]}] if body.get("system") else []) + [
-                    {"role": "user", "content": body.get("prompt", "")}
+                messages = ([{"role": "system", "content": typed.system}] if typed.system else []) + [
+                    {"role": "user", "content": typed.prompt or ""}
                 ]
             else:
-                messages = _from_ollama_messages(body.get("messages") or [])
+                messages = _from_ollama_messages(typed.messages or [])
             params = _ollama_params(body)
             key = "response" if generate else "message"
-            if body.get("stream", True):
+            if typed.stream:
                 stream = await engine.achat(model, messages, stream=True, **params)
             else:
                 r = await engine.achat(model, messages, **params)
@@ -218,10 +338,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         return ndjson(parts())
 
     async def api_chat(request: Request) -> Response:
-        return await ollama_chat(request, generate=False)
+        return await admitted(request, lambda: ollama_chat(request, generate=False), openai=False)
 
     async def api_generate(request: Request) -> Response:
-        return await ollama_chat(request, generate=True)
+        return await admitted(request, lambda: ollama_chat(request, generate=True), openai=False)
 
     def model_entry(name: str) -> dict[str, Any]:
         spec = engine.registry.get(name)
@@ -242,7 +362,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
     async def api_show(request: Request) -> Response:
         try:
             body = await body_of(request)
-            spec = engine.registry.get(body.get("model") or body.get("name") or "")
+            name = body.get("model") or body.get("name")
+            if not isinstance(name, str):
+                raise InvalidRequestError("model: give the model's name as a string")
+            spec = engine.registry.get(name)
         except UnillmError as exc:
             return error(exc, openai=False)
         params = "\n".join(f"{k} {v}" for k, v in spec.defaults.model_dump(exclude_none=True).items())
@@ -266,10 +389,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
             {"id": n, "object": "model", "created": 0, "owned_by": "unillm"} for n in runnable_names()]})
 
     async def v1_chat(request: Request) -> Response:
+        return await admitted(request, lambda: openai_chat(request), openai=True)
+
+    async def openai_chat(request: Request) -> Response:
         try:
             body = await body_of(request)
-            model, messages, params = body.get("model") or "", body.get("messages") or [], _openai_params(body)
-            if not body.get("stream"):
+            typed = _typed(_OpenAIBody, body)
+            model, messages, params = typed.model, typed.messages, _openai_params(body)
+            check_not_self(model)
+            if not typed.stream:
                 return JSONResponse((await engine.achat(model, messages, **params)).to_dict())
             stream = await engine.achat(model, messages, stream=True, **params)
         except UnillmError as exc:
@@ -291,15 +419,6 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    class Auth(BaseHTTPMiddleware):
-        async def dispatch(self, request: Request, call_next: Any) -> Response:
-            if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-                body = {"error": "missing or wrong API key (Authorization: Bearer KEY)"}
-                if request.url.path.startswith("/v1/"):
-                    body = {"error": {"message": body["error"], "type": "authentication_error"}}  # type: ignore[dict-item]
-                return JSONResponse(body, status_code=401)
-            return await call_next(request)  # type: ignore[no-any-return]
-
     routes = [
         Route("/api/chat", api_chat, methods=["POST"]),
         Route("/api/generate", api_generate, methods=["POST"]),
@@ -312,12 +431,22 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         Route("/v1/chat/completions", v1_chat, methods=["POST"]),
         Route("/", lambda r: Response("unillm is running"), methods=["GET", "HEAD"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(Auth)] if api_key else [])
+    guard = Middleware(Guard, bind_host=bind_host, bind_port=bind_port, allow_hosts=allow_hosts, api_key=api_key,
+                       max_body_bytes=max_body_bytes)
+    return Starlette(routes=routes, middleware=[guard])
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client of a request whose body was read goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def serve(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None, config: Any = None,
-          preload: list[str] | None = None) -> None:
-    """Run the server until interrupted."""
+          preload: list[str] | None = None, **limits: Any) -> None:
+    """Run the server until interrupted. ``limits``: ``allow_hosts``, ``max_body_bytes``, ``max_queue``."""
     import uvicorn
 
     with Engine(config) as engine:
@@ -325,4 +454,5 @@ def serve(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None
             t = time.perf_counter()
             engine.load(name)
             print(f"loaded {name} in {time.perf_counter() - t:.1f} s", flush=True)
-        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning")
+        app = create_app(engine, api_key, bind_host=host, bind_port=port, **limits)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
