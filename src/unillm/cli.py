@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve the registry over HTTP: the Ollama API and the OpenAI API")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=11434)
+    srv.add_argument("--port", type=_port, default=11434)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set UNILLM_API_KEY)")
     srv.add_argument("--load", action="append", metavar="MODEL", help="load a model before serving (repeatable)")
     srv.add_argument("--allow-host", action="append", metavar="NAME",
@@ -242,11 +242,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"unillm serve needs starlette and uvicorn: pip install 'unillm[serve]' ({exc})") from exc
     from . import __version__
 
-    print(f"unillm {__version__} serving on http://{args.host}:{args.port} "
-          "(Ollama API under /api, OpenAI API under /v1)", flush=True)
+    def ready() -> None:  # the socket is bound and the --load models are loaded
+        print(f"unillm {__version__} serving on http://{args.host}:{args.port} "
+              "(Ollama API under /api, OpenAI API under /v1)", flush=True)
+
     serve(args.host, args.port, args.api_key or os.environ.get("UNILLM_API_KEY"), args.config, args.load,
-          allow_hosts=args.allow_host, max_body_bytes=args.max_body, max_queue=args.max_queue)
+          allow_hosts=args.allow_host, max_body_bytes=args.max_body, max_queue=args.max_queue, on_ready=ready)
     return 0
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -281,8 +293,18 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: the Engine closes (and with it every backend and vLLM's processes)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     handler = {
         "chat": _cmd_chat, "models": _cmd_models, "batch": _cmd_batch, "serve": _cmd_serve, "convert": _cmd_convert,
         "doctor": _cmd_doctor, "recommend": _cmd_recommend,
@@ -291,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except UnillmError as exc:
         print(f"unillm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a missing input file, an output path that is a folder, a port in use...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"unillm: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -14,9 +14,11 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -56,6 +58,7 @@ class _Core:
         self._load_locks: dict[str, asyncio.Lock] = {}
         #: Finished requests by how they ended: stop, length, cancelled (closed early), error.
         self.outcomes: Counter[str] = Counter()
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def backend_for(self, spec: ModelSpec) -> tuple[Backend, float]:
         """The loaded backend of a model, loading it on first use; returns the load time it took."""
@@ -65,10 +68,10 @@ class _Core:
         async with lock:
             if (b := self.backends.get(spec.name)) is not None:
                 return b, 0.0
-            problem = hardware_problem(spec)
+            problem = await asyncio.to_thread(hardware_problem, spec)  # may run nvidia-smi
             if problem:
                 raise ModelLoadError(spec.name, problem)
-            cls = backend_class(spec.backend, spec.name)
+            cls = await asyncio.to_thread(backend_class, spec.backend, spec.name)  # heavy imports: off the loop
             t0 = time.perf_counter()
             backend = cls(spec)
             try:
@@ -126,7 +129,7 @@ class _Core:
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         structure: Structure | None = req.params.structure
         try:
-            with _generation_errors(spec.name):
+            with self._errors(spec, backend):
                 gen: Generation = await backend.generate(req)
             if gen.finish_reason == "cancelled":  # only unload or close stops a call that nobody cancelled
                 raise ModelUnloadedError(spec.name)
@@ -184,7 +187,7 @@ class _Core:
             return c
 
         try:
-            with _generation_errors(spec.name):
+            with self._errors(spec, backend):
                 async for piece in pieces:
                     text = shaper.feed(piece.text) if shaper is not None else piece.text
                     if piece.finish_reason is None:
@@ -211,6 +214,30 @@ class _Core:
             self.outcomes[outcome] += 1
             await pieces.aclose()
 
+    @contextlib.contextmanager
+    def _errors(self, spec: ModelSpec, backend: Backend) -> Iterator[None]:
+        """Map what a backend's library raises to unillm's errors (the backend's own table first, then
+        GenerationError); a backend that died with it is unloaded, to load again on the next call."""
+        try:
+            yield
+        except UnillmError as exc:
+            self._evict_if_dead(spec, backend, exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any library failure
+            mapped = backend.map_exception(exc) or GenerationError(spec.name, f"{type(exc).__name__}: {exc}")
+            self._evict_if_dead(spec, backend, mapped)
+            raise mapped from exc
+
+    def _evict_if_dead(self, spec: ModelSpec, backend: Backend, exc: UnillmError) -> None:
+        reason = backend.dead()
+        if reason is None or self.backends.get(spec.name) is not backend:
+            return
+        del self.backends[spec.name]
+        task = asyncio.ensure_future(backend.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        exc.args = (f"{exc} {reason}: the model was unloaded and loads again on the next call.",)
+
     async def unload(self, model: str) -> bool:
         spec = self.registry.get(model)
         backend = self.backends.pop(spec.name, None)
@@ -220,25 +247,25 @@ class _Core:
         return True
 
     async def aclose(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         while self.backends:
             _, backend = self.backends.popitem()
             await backend.aclose()
 
 
-@contextlib.contextmanager
-def _generation_errors(model: str) -> Iterator[None]:
-    """Map whatever a backend's library raises while generating to GenerationError (unillm's pass through)."""
-    try:
-        yield
-    except UnillmError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any library failure
-        raise GenerationError(model, f"{type(exc).__name__}: {exc}") from exc
-
-
 def _parser(backend: Backend, structure: Structure) -> ToolCallParser | None:
     """The backend's own tool-call reader, where the model may choose to call (``auto``)."""
     return backend.tool_call_parser(structure) if structure.mode == "auto" else None
+
+
+def _close_at_exit(ref: weakref.ReferenceType[Engine]) -> Callable[[], None]:
+    def close() -> None:
+        engine = ref()
+        if engine is not None:
+            engine.close()
+
+    return close
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +322,9 @@ class Engine:
         self._core = _Core(self.registry, fallbacks)
         self._loop = LoopThread()
         self._closed = False
+        # A process that ends without close() still frees its models (vLLM's engine processes above all).
+        self._atexit = _close_at_exit(weakref.ref(self))
+        atexit.register(self._atexit)
 
     # -- chat ---------------------------------------------------------------------------------------
 
@@ -371,7 +401,8 @@ class Engine:
         others. GGUF models with ``options.parallel`` > 1 decode many items per step; ``concurrency`` caps how
         many are in flight (default: what the backend can use). ``progress`` shows a tqdm bar (terminal or
         Jupyter) with documents/s and tokens/s. ``on_result`` is called with each result as it completes
-        (on the engine's thread: keep it quick), e.g. to append it to a file.
+        (one call at a time, on a thread of its own, never on the loop the models share), e.g. to append it
+        to a file.
 
         Example:
             >>> from unillm import Engine
@@ -441,6 +472,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._atexit)
         try:
             self._loop.run(self._core.aclose())
         finally:
@@ -451,6 +483,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._atexit)
         try:
             await self._loop.run_async(self._core.aclose())
         finally:

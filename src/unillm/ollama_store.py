@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,13 @@ class StoredModel:
     system: str | None = None
 
 
-def blob_path(root: Path, digest: str) -> Path:
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def blob_path(root: Path, digest: Any, name: str = "") -> Path:
+    """The blob of a layer digest; only ``sha256:`` and 64 hex digits (a digest is used in a path)."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ModelLoadError(name or "?", f"the manifest names a layer digest {digest!r}, which is not sha256:<64 hex digits>")
     return root / "blobs" / digest.replace(":", "-")
 
 
@@ -66,6 +73,35 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _verified_cache() -> Path:
+    return Path(os.environ.get("UNILLM_CACHE") or Path.home() / ".cache" / "unillm") / "ollama-verified.json"
+
+
+def verify_blob(path: Path, digest: str, name: str) -> None:
+    """Check a blob against its digest. A multi-GB GGUF is hashed once: the result is cached, keyed by the
+    file's path, size and mtime, so a changed file is hashed again."""
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache = _verified_cache()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key) == digest:
+        return
+    actual = "sha256:" + sha256_file(path)
+    if actual != digest:
+        raise ModelLoadError(name, f"the blob {path} does not match its manifest: sha256 is {actual}, expected {digest}")
+    known[key] = digest
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache only costs the hash next time
 
 
 def find(name: str, root: Path | None = None, *, verify: bool = True) -> StoredModel:
@@ -83,28 +119,39 @@ def find(name: str, root: Path | None = None, *, verify: bool = True) -> StoredM
     by_type = {layer.get("mediaType"): layer for layer in layers}
     if MODEL not in by_type:
         raise ModelLoadError(name, f"the manifest {manifest_path} has no {MODEL} layer")
-    digest = by_type[MODEL]["digest"]
-    gguf = blob_path(root, digest)
-    if not gguf.is_file():
-        raise ModelLoadError(name, f"the blob {gguf} named by its manifest is missing")
-    if verify:
-        actual = "sha256:" + sha256_file(gguf)
-        if actual != digest:
-            raise ModelLoadError(name, f"the blob {gguf} does not match its manifest: sha256 is {actual}, expected {digest}")
-    stored = StoredModel(name, gguf, digest)
-    if PARAMS in by_type:
-        stored.params = json.loads(blob_path(root, by_type[PARAMS]["digest"]).read_text())
-    if SYSTEM in by_type:
-        stored.system = blob_path(root, by_type[SYSTEM]["digest"]).read_text()
+    blobs = {}
+    for media in (MODEL, PARAMS, SYSTEM):
+        if media in by_type:
+            digest = by_type[media].get("digest")
+            path = blob_path(root, digest, name)
+            if not path.is_file():
+                raise ModelLoadError(name, f"the blob {path} named by its manifest is missing")
+            if verify:
+                verify_blob(path, digest, name)
+            blobs[media] = path
+    stored = StoredModel(name, blobs[MODEL], by_type[MODEL]["digest"])
+    try:
+        if PARAMS in blobs:
+            stored.params = json.loads(blobs[PARAMS].read_text())
+        if SYSTEM in blobs:
+            stored.system = blobs[SYSTEM].read_text()
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(name, f"the stored parameters or system prompt cannot be read: {exc}") from exc
     return stored
 
 
 def sampling_defaults(params: dict[str, Any]) -> dict[str, Any]:
-    """Ollama's stored parameters that unillm has names for (temperature, top_p, stop, seed, num_predict)."""
+    """Ollama's stored parameters that unillm has names for (temperature, top_p, stop, seed, num_predict), in
+    unillm's conventions: ``num_predict`` -1 ("no limit") and -2 ("fill the context") leave max_tokens unset,
+    so the answer may use what the context window leaves; a negative seed (Ollama's "random") is no seed."""
     out: dict[str, Any] = {}
     for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"), ("num_predict", "max_tokens")):
         if src in params:
             out[dst] = params[src]
+    if isinstance(out.get("max_tokens"), int) and out["max_tokens"] < 0:
+        del out["max_tokens"]
+    if isinstance(out.get("seed"), int) and out["seed"] < 0:
+        del out["seed"]
     if "stop" in params:
         stop = params["stop"]
         out["stop"] = [stop] if isinstance(stop, str) else list(stop)

@@ -64,6 +64,8 @@ def _stop(name: str, v: Any) -> list[str]:
 def _seed(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise InvalidRequestError(f"{name} must be an integer, got {v!r}")
+    if not 0 <= v < 2**32:  # llama.cpp takes 32 bits; a larger seed would be cut silently
+        raise InvalidRequestError(f"{name}={v} is out of range [0, {2**32 - 1}]")
     return v
 
 
@@ -163,6 +165,13 @@ def validate_messages(messages: Sequence[Mapping[str, Any] | Message] | str) -> 
             raise InvalidRequestError(f"messages[{i}] has role {msg.role!r}; use one of {', '.join(ROLES)}")
         if msg.content is None and not msg.tool_calls:
             raise InvalidRequestError(f"messages[{i}].content must be a string, got None")
+        if msg.content is not None:
+            try:
+                msg.content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(
+                    f"messages[{i}].content is not valid Unicode text (a lone surrogate at position {exc.start})"
+                ) from None
         out.append(msg)
     if out[-1].role == "assistant":
         raise InvalidRequestError("the last message is from the assistant: end with a user (or tool) message")

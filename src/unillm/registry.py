@@ -41,6 +41,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError, InvalidRequestError, ModelLoadError, UnknownModelError
+from .options import check_options
 from .params import PARAMS
 
 Number = Union[int, float]
@@ -173,13 +174,22 @@ def parse_file(path: str | os.PathLike[str]) -> list[ModelSpec]:
     try:
         parsed = _RegistryFile.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        # A misspelled key shows as "unknown key" and as "required": name the unknown one, with the
+        # missing one it probably means.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         key = _format_loc(err["loc"], data)
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "extra_forbidden":
+            missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == err["loc"][:-1]]
+            close = difflib.get_close_matches(str(err["loc"][-1]), missing, n=1)
+            if close:
+                msg += f" (did you mean {close[0]!r}, which is required?)"
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise ConfigError(msg + more, path=str(p), key=key) from exc
     for spec in parsed.models:
         spec._config_file = str(p)
+        check_options(spec)
     return parsed.models
 
 
@@ -266,6 +276,8 @@ class Registry:
 
     def get(self, name: str) -> ModelSpec:
         """The entry for a name or alias; :class:`UnknownModelError` with suggestions otherwise."""
+        if not isinstance(name, str):
+            raise InvalidRequestError(f"model must be a model's name (a string), got {type(name).__name__}")
         try:
             return self._specs[self._names[name]]
         except KeyError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -357,7 +358,8 @@ def create_app(
         return [s.name for s in engine.registry if why_not_runnable(s) is None]
 
     async def api_tags(request: Request) -> Response:
-        return JSONResponse({"models": [model_entry(n) for n in runnable_names()]})
+        names = await asyncio.to_thread(runnable_names)  # may ask an Ollama daemon, or nvidia-smi
+        return JSONResponse({"models": [model_entry(n) for n in names]})
 
     async def api_show(request: Request) -> Response:
         try:
@@ -385,8 +387,9 @@ def create_app(
         return JSONResponse({"version": __version__})
 
     async def v1_models(request: Request) -> Response:
+        names = await asyncio.to_thread(runnable_names)
         return JSONResponse({"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "unillm"} for n in runnable_names()]})
+            {"id": n, "object": "model", "created": 0, "owned_by": "unillm"} for n in names]})
 
     async def v1_chat(request: Request) -> Response:
         return await admitted(request, lambda: openai_chat(request), openai=True)
@@ -444,15 +447,39 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else happens (so a port in use is a one-line error)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None, config: Any = None,
-          preload: list[str] | None = None, **limits: Any) -> None:
-    """Run the server until interrupted. ``limits``: ``allow_hosts``, ``max_body_bytes``, ``max_queue``."""
+          preload: list[str] | None = None, on_ready: Callable[[], None] | None = None, **limits: Any) -> None:
+    """Run the server until interrupted (Ctrl-C or SIGTERM: the Engine is closed, and every model with it).
+    ``limits``: ``allow_hosts``, ``max_body_bytes``, ``max_queue``. ``on_ready`` is called once the socket is
+    bound and the ``preload`` models are loaded."""
     import uvicorn
 
-    with Engine(config) as engine:
-        for name in preload or []:
-            t = time.perf_counter()
-            engine.load(name)
-            print(f"loaded {name} in {time.perf_counter() - t:.1f} s", flush=True)
-        app = create_app(engine, api_key, bind_host=host, bind_port=port, **limits)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+    sock = _bind(host, port)
+    try:
+        with Engine(config) as engine:
+            for name in preload or []:
+                t = time.perf_counter()
+                engine.load(name)
+                print(f"loaded {name} in {time.perf_counter() - t:.1f} s", flush=True)
+            app = create_app(engine, api_key, bind_host=host, bind_port=port, **limits)
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+            if on_ready is not None:
+                on_ready()
+            server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -20,11 +20,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ValidationError
-
-from ..errors import ConfigError
+from ..errors import UnillmError
 from ..params import SamplingParams
 from ..registry import ModelSpec
 from ..structured import Structure, ToolCallParser, template_dicts
@@ -106,6 +104,15 @@ class Backend(ABC):
     async def aclose(self) -> None:
         """Free the model's memory; idempotent."""
 
+    def dead(self) -> str | None:
+        """Why this loaded backend can serve nothing more (its engine process died), or None. The engine
+        unloads a dead backend after the failed request, and loads it again on the next call."""
+        return None
+
+    def map_exception(self, exc: Exception) -> UnillmError | None:
+        """This backend's table from its library's exceptions to unillm's (None: a GenerationError)."""
+        return None
+
     def sampling_defaults(self) -> dict[str, Any]:
         """Defaults the model itself carries (an Ollama Modelfile's parameters), under the registry's."""
         return {}
@@ -122,20 +129,6 @@ class Backend(ABC):
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model (device, offload, KV cache...) for ``unillm models``."""
         return {}
-
-
-OptionsT = TypeVar("OptionsT", bound=BaseModel)
-
-
-def parse_options(model: type[OptionsT], spec: ModelSpec) -> OptionsT:
-    """A registry entry's ``options`` as the backend's pydantic model; a typo names the file and key."""
-    try:
-        return model.model_validate(spec.options)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = "options." + ".".join(str(p) for p in err["loc"])
-        msg = f"unknown key for the {spec.backend} backend" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
 
 
 def chat_inputs(request: Request, template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:

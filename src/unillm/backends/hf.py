@@ -20,15 +20,15 @@ import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 
 from ..errors import BackendNotInstalledError, InvalidRequestError, ModelLoadError, ModelUnloadedError
 from ..convert import model_folder
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ._text import TokenText
+from ..options import HFOptions, parse_options
 from .base import (
     Backend,
     Capabilities,
@@ -36,7 +36,6 @@ from .base import (
     Piece,
     Request,
     chat_inputs,
-    parse_options,
     pieces_from_worker,
     request_schema,
 )
@@ -47,13 +46,6 @@ try:
     from transformers.generation.streamers import BaseStreamer
 except ImportError as _exc:  # pragma: no cover
     raise BackendNotInstalledError("hf", "transformers", "hf") from _exc
-
-
-class HFOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
 class _Tokens(BaseStreamer):  # type: ignore[misc]

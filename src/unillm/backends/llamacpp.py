@@ -24,7 +24,7 @@ import random
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -34,6 +34,7 @@ from ..registry import resolve_file
 from ..system import cpu_count, default_threads
 from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
+from ..options import LlamaCppOptions, parse_options
 from .base import (
     Backend,
     Capabilities,
@@ -41,7 +42,6 @@ from .base import (
     Piece,
     Request,
     chat_inputs,
-    parse_options,
     pieces_from_worker,
     request_schema,
 )
@@ -91,20 +91,6 @@ def extra_sampling(extra: dict[str, Any]) -> dict[str, Any]:
                 f"unknown extra option(s) {unknown} for the llamacpp backend; known: {', '.join(sorted(ExtraSampling.model_fields))}"
             ) from None
         raise InvalidRequestError(f"extra.{key}={extra.get(key)!r}: {err['msg']}") from None
-
-
-class LlamaCppOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    n_gpu_layers: int | Literal["auto"] = "auto"
-    n_threads: int | None = None
-    n_threads_batch: int | None = None
-    n_batch: int = 512
-    flash_attn: bool = False
-    use_mmap: bool = True
-    chat_template: str | None = None
-    #: Sequence slots decoded together (continuous batching); 1 runs one request at a time.
-    parallel: int = Field(1, ge=1, le=256)
 
 
 def schema_grammar(schema: dict[str, Any]) -> str:

@@ -23,9 +23,8 @@ import json
 import time
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 
 from .. import ollama_store
 from ..errors import (
@@ -39,26 +38,14 @@ from ..registry import ModelSpec, Source
 from ..system import ollama_host
 from ..types import Message, Usage
 from ..structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Structure, loads_arguments
-from .base import Backend, Capabilities, Generation, Piece, Request, chat_inputs, decode_rate, parse_options
+from ..options import OllamaOptions, parse_options
+from .base import Backend, Capabilities, Generation, Piece, Request, chat_inputs, decode_rate
 
 try:
     import httpx
     import ollama
 except ImportError as _exc:  # pragma: no cover
     raise BackendNotInstalledError("ollama", "ollama", "ollama") from _exc
-
-
-class OllamaOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    host: str | None = None
-    keep_alive: str | float | None = None
-    timeout: float = 300.0
-    concurrency: int = 4
-    local_store: Literal["never", "fallback", "always"] = "fallback"
-    store: str | None = None
-    verify_sha256: bool = True
-    llamacpp: dict[str, Any] = {}
 
 
 class OllamaBackend(Backend):
@@ -81,7 +68,7 @@ class OllamaBackend(Backend):
         if self.options.local_store == "always":
             await self._load_local()
             return
-        client = ollama.AsyncClient(host=self.host, timeout=self.options.timeout)
+        client = ollama.AsyncClient(host=self.host, timeout=httpx.Timeout(self.options.timeout, connect=self.options.connect_timeout))
         try:
             with self._mapped():
                 await client.show(self.tag)
@@ -114,7 +101,7 @@ class OllamaBackend(Backend):
             ollama_store.find, self.tag, self._store_root(), verify=self.options.verify_sha256
         )
         spec = self.spec.model_copy(
-            update={"backend": "llamacpp", "source": Source(path=str(stored.gguf)), "options": dict(self.options.llamacpp)}
+            update={"backend": "llamacpp", "source": Source(path=str(stored.gguf)), "options": self.options.llamacpp.model_dump(exclude_unset=True)}
         )
         local = LlamaCppBackend(spec)
         await local.load()
@@ -147,6 +134,12 @@ class OllamaBackend(Backend):
             yield
         except ollama.ResponseError as exc:
             if exc.status_code == 404:
+                said = str(exc.error).lower()
+                if "model" not in said and "pull" not in said:
+                    raise BackendUnavailableError(
+                        f"{self.host} answered 404 ({str(exc.error)[:80]!r}) for model {self.spec.name!r}: "
+                        "it does not look like an Ollama server; check options.host / OLLAMA_HOST"
+                    ) from exc
                 raise ModelLoadError(
                     self.spec.name, f"Ollama at {self.host} does not have {self.tag!r}: run `ollama pull {self.tag}`"
                 ) from exc
@@ -157,8 +150,11 @@ class OllamaBackend(Backend):
                 "or set options.host / OLLAMA_HOST"
             ) from exc
         except httpx.TimeoutException as exc:
-            raise GenerationError(
-                self.spec.name, f"Ollama at {self.host} did not answer within {self.options.timeout:g} s"
+            which = "connect" if isinstance(exc, httpx.ConnectTimeout) else "answer"
+            limit = self.options.connect_timeout if which == "connect" else self.options.timeout
+            raise BackendUnavailableError(
+                f"Ollama at {self.host} did not {which} within {limit:g} s (model {self.spec.name!r}; "
+                f"options.{'connect_timeout' if which == 'connect' else 'timeout'} sets the limit)"
             ) from exc
         except httpx.TransportError as exc:
             raise GenerationError(self.spec.name, f"the connection to Ollama at {self.host} broke: {exc!r}") from exc

