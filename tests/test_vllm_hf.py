@@ -297,9 +297,10 @@ def test_unload_mid_request_raises_model_unloaded(veng, model):
     from unillm import ModelUnloadedError
 
     veng.load(model)
+    extra = {"extra": {"ignore_eos": True}} if model == "smollm2-vllm" else {}
 
     async def main():
-        tasks = [asyncio.ensure_future(veng.achat(model, "Write a long story about a dragon.", max_tokens=400, **GREEDY))
+        tasks = [asyncio.ensure_future(veng.achat(model, "Write a long story about a dragon.", max_tokens=400, **extra, **GREEDY))
                  for _ in range(3)]
         await asyncio.sleep(3.0)
         await veng.aunload(model)

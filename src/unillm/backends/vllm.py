@@ -248,7 +248,10 @@ class VLLMBackend(Backend):
                 if first_at is None and o.token_ids:
                     first_at = time.perf_counter()
                 if out.finished:
-                    finish = "length" if o.finish_reason == "length" else "stop"
+                    if o.finish_reason not in ("stop", "length", "abort"):
+                        raise GenerationError(self.spec.name, f"vLLM ended the request with {o.finish_reason!r}")
+                    # "abort": vLLM stopped it (unload, shutdown); the engine never returns it as an answer.
+                    finish = "cancelled" if o.finish_reason == "abort" else o.finish_reason
                     if o.finish_reason == "stop" and o.stop_reason is None and n:
                         n -= 1  # vLLM counts the end token; the other backends (and unillm's usage) do not
                     ttft = first_at - request.started if first_at else None
