@@ -269,12 +269,21 @@ def cycles() -> None:
 
 def vllm_processes() -> None:
     with Engine() as engine:
+        before = rss_mb()
         engine.load("smollm2-vllm")
+        engine.chat("smollm2-vllm", Q, max_tokens=16)
+        loaded = rss_mb()
         during = children_of(os.getpid())
         engine.unload("smollm2-vllm")
         time.sleep(2)
+        after = rss_mb()
         left = [k for k in during if alive(k)]
+        engine.load("smollm2-vllm")
+        engine.unload("smollm2-vllm")
+        again = rss_mb()
     report("vLLM: child processes left after unload", f"{len(left)} of {len(during)}", "0")
+    report("vLLM: parent RSS before load / loaded / unloaded / after a 2nd cycle",
+           f"{before:.0f} / {loaded:.0f} / {after:.0f} / {again:.0f} MB", "unloaded ~ before + imports")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "unillm", "serve", "--port", str(port), "--load", "smollm2-vllm"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -212,7 +212,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         if "loaded" in r:
             facts = r["loaded"]
-            line = facts.get("max_concurrency_text") or ", ".join(f"{k}={v}" for k, v in facts.items() if k != "engine_args")
+            line = "; ".join(f for f in (facts.get("max_concurrency_text"), facts.get("dtype_choice") and f"dtype {facts['dtype_choice']}") if f) \
+                or ", ".join(f"{k}={v}" for k, v in facts.items() if k != "engine_args")
             print(f"{r['name']}: loaded in {facts['load_s']} s; {line}")
     return 0
 

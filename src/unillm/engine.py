@@ -42,7 +42,7 @@ from .params import ChatParams, merge_params, validate_messages
 from ._loop import LoopThread
 from .registry import ModelSpec, Registry
 from .structured import Structure, ToolCallParser
-from .system import hardware_problem
+from .system import give_memory_back, hardware_problem
 from .types import ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Message, Timings
 
 Messages = Sequence[Mapping[str, Any] | Message] | str
@@ -244,6 +244,8 @@ class _Core:
         if backend is None:
             return False
         await backend.aclose()
+        del backend
+        await asyncio.to_thread(give_memory_back)
         return True
 
     async def aclose(self) -> None:

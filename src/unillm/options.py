@@ -32,6 +32,10 @@ class LlamaCppOptions(BaseModel):
     chat_template: str | None = None
     #: Sequence slots decoded together (continuous batching); 1 runs one request at a time.
     parallel: int = Field(1, ge=1, le=256)
+    #: With parallel > 1: one KV buffer shared by all slots (True), or a stream of its own per slot (False,
+    #: the default: a slot's attention then reads only its own cells, so one request alone is not slowed by
+    #: a cache sized for all slots).
+    kv_unified: bool = False
 
 
 class VLLMOptions(BaseModel):

@@ -13,9 +13,11 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 from .backends import backend_info
 from .errors import UnillmError
@@ -149,3 +151,29 @@ def why_not_runnable(spec: ModelSpec) -> str | None:
     if spec.backend == "ollama" and ollama_version(ollama_host(spec)) is None:
         return f"no Ollama daemon answers at {ollama_host(spec)} (start `ollama serve`, then `ollama pull {spec.source.ollama}`)"
     return None
+
+
+def give_memory_back() -> None:
+    """After an unload: collect the model's objects now, and hand freed heap pages back to the OS (glibc
+    keeps them otherwise, and the process looks as large as with the model loaded)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc (musl): nothing to trim
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it, bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -75,5 +75,7 @@ def backend_class(name: str, model: str | None = None) -> type[Backend]:
     except BackendNotInstalledError as exc:
         raise BackendNotInstalledError(exc.backend, exc.package, exc.extra, model) from exc.__cause__
     except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "unillm":
+            raise  # a bug in unillm, not a missing library: say what it is
         raise BackendNotInstalledError(info.name, info.distribution, info.extra, model) from exc
     return getattr(module, cls_name)  # type: ignore[no-any-return]

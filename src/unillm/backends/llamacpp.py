@@ -191,7 +191,8 @@ class LlamaCppBackend(Backend):
         if o.parallel > 1:
             try:
                 self._batcher = Batcher(
-                    llm, self.spec.name, o.parallel, self.spec.context_window, threads, o.n_batch, o.flash_attn
+                    llm, self.spec.name, o.parallel, self.spec.context_window, threads, o.n_batch, o.flash_attn,
+                    o.kv_unified,
                 )
             except BaseException:
                 llm.close()

@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
-from ..system import gpus
+from ..system import cpu_has_bf16, gpus
 from ..types import Usage
 from ..options import VLLMOptions, parse_options
 from ..structured import Structure, ToolCallParser
@@ -87,7 +87,7 @@ def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
         quant = None  # vLLM reads the checkpoint's quantization_config and picks awq_marlin where it can
     kwargs: dict[str, Any] = {
         "model": model,
-        "dtype": o.dtype,
+        "dtype": choose_dtype(o.dtype, on_gpu)[0],
         "max_model_len": spec.context_window,
         "max_num_seqs": o.max_num_seqs,
         "tensor_parallel_size": o.tensor_parallel_size,
@@ -103,6 +103,19 @@ def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
         kwargs["kv_cache_memory_bytes"] = o.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
     kwargs.update(o.engine_args)
     return AsyncEngineArgs(**kwargs)
+
+
+def choose_dtype(dtype: str, on_gpu: bool) -> tuple[str, str]:
+    """The dtype vLLM gets, and why. ``auto`` on a CPU without native bf16 (AVX512-BF16, AMX) is float32:
+    emulated bf16 ran 16 concurrent SmolLM2 requests at 41 tok/s where float32 ran 92 on such a CPU. An
+    explicit dtype in the registry is always honoured; on a GPU ``auto`` is the checkpoint's own."""
+    if dtype != "auto":
+        return dtype, "the registry entry's"
+    if on_gpu:
+        return "auto", "the checkpoint's (GPU)"
+    if cpu_has_bf16():
+        return "bfloat16", "this CPU computes bf16 natively"
+    return "float32", "this CPU has no AVX512-BF16 or AMX: bf16 would be emulated"
 
 
 def check_gpu_share(name: str, share: float, taken: dict[str, float]) -> None:
@@ -168,6 +181,7 @@ class VLLMBackend(Backend):
             "max_concurrency": kv_tokens / self.spec.context_window,
             "max_concurrency_text": f"maximum concurrency for {self.spec.context_window}-token requests: "
             f"{kv_tokens / self.spec.context_window:.2f}x",
+            "dtype_choice": f"{args.dtype} ({choose_dtype(self.options.dtype, on_gpu)[1]})",
             "engine_args": {k: getattr(args, k) for k in (
                 "dtype", "max_model_len", "max_num_seqs", "quantization", "enforce_eager", "kv_cache_memory_bytes",
                 "gpu_memory_utilization", "tensor_parallel_size")},
