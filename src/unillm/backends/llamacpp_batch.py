@@ -77,11 +77,6 @@ class Batcher:
         params.flash_attn_type = 1 if flash_attn else 0  # explicit, as Llama does: same numbers as the single path
         params.no_perf = True
         params.kv_unified = kv_unified
-        #: Threads for a step that decodes many tokens (several sequences, or a prompt), and for a step that
-        #: decodes one: a lone sequence decodes faster on half the CPUs, with no thread spinning while the
-        #: caller's threads take its pieces (measured in benchmarks/vs_gateway.py).
-        self.threads_many, self.threads_few = n_threads, max(1, n_threads // 2)
-        self._threads = n_threads
         self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
         if not self.ctx:
             raise ModelLoadError(name, f"llama.cpp could not create a context with {n_seq} sequences")
@@ -213,10 +208,6 @@ class Batcher:
                 n += 1
         if n == 0:
             return
-        threads = self.threads_few if n == 1 else self.threads_many
-        if threads != self._threads:
-            llama_cpp.llama_set_n_threads(self.ctx, threads, self.threads_many)
-            self._threads = threads
         b.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
