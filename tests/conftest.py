@@ -64,3 +64,14 @@ def run_py(code: str, *args: str, env: dict[str, str] | None = None, timeout: fl
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})}, **kw,
     )
+
+
+async def chunk_gaps(stream, gaps: list[float]) -> None:
+    """Read a stream to its end, appending the seconds between consecutive chunks to ``gaps``."""
+    import time
+
+    last = time.perf_counter()
+    async for _ in stream:
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 import fake_backend
+from conftest import chunk_gaps
 from unillm import Engine, GenerationError, InvalidRequestError, ModelLoadError, ModelUnloadedError
 
 fake_backend.register()
@@ -94,11 +94,7 @@ def test_a_stream_keeps_flowing_while_another_model_imports_and_loads(eng):
     async def main():
         stream = await eng.achat("slow-echo", " ".join(f"w{i}" for i in range(80)), stream=True)
         load = asyncio.ensure_future(eng.aload("heavy"))
-        last = time.perf_counter()
-        async for _ in stream:
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
+        await chunk_gaps(stream, gaps)
         await load
 
     asyncio.run(main())

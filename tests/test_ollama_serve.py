@@ -362,3 +362,51 @@ def test_ollama_backend_structured_through_serve(server, write_config):
         r = eng.chat("remote", WEATHER_Q, max_tokens=80, tools=[weather_tool()], extra=pin, **GREEDY)
         assert r.finish_reason == "tool_calls"
         assert check_call(r.choices[0].message.tool_calls[0], weather_tool()) == {"city": "Paris", "unit": "celsius"}
+
+
+# -- Ollama's idioms and the metadata clients read -------------------------------------------------------
+
+
+def test_preload_unload_and_latest_tags(server):
+    """An empty prompt (Ollama's preload) and keep_alive 0 (unload) used to generate hundreds of tokens;
+    `smollm2:latest` was a 404."""
+    with ollama.Client(host=server) as c:
+        r = c.generate(model="smollm2", prompt="", keep_alive=0)
+        assert r.done and r.done_reason == "unload" and r.response == ""
+        assert "smollm2" not in [m.model for m in c.ps().models]
+        r = c.generate(model="smollm2:latest", prompt="")
+        assert r.done and r.done_reason == "load" and r.response == ""
+        assert "smollm2" in [m.model for m in c.ps().models]
+        r = c.chat(model="smollm2:latest", messages=QUESTION, options={"temperature": 0, "num_predict": 24,
+                                                                     "num_thread": 4, "num_gpu": 99, "num_keep": 5})
+        assert "Paris" in r.message.content
+
+
+def test_tags_and_show_carry_digests_sizes_and_capabilities(server):
+    with ollama.Client(host=server) as c:
+        models = {m.model: m for m in c.list().models}
+        digests = [m.digest for m in models.values()]
+        assert all(len(d) == 64 for d in digests) and len(set(digests)) == len(digests)
+        assert models["smollm2"].size > 50_000_000  # the GGUF's bytes
+        shown = c.show("smollm2")
+        assert "completion" in shown.capabilities and "tools" in shown.capabilities
+        assert "im_start" in shown.template  # the GGUF's chat template (the model is loaded)
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/embed"),
+                                              ("POST", "/v1/embeddings"), ("POST", "/v1/completions")])
+def test_unimplemented_endpoints_are_501_in_json(server, method, path):
+    req = urllib.request.Request(server + path, data=b"{}", method=method, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 501
+    body = json.loads(e.value.read())
+    message = body["error"]["message"] if path.startswith("/v1/") else body["error"]
+    assert path in message
+
+
+def test_unknown_routes_are_json_404s(server):
+    for path in ("/api/nope", "/v1/nope"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server + path, timeout=30)
+        assert e.value.code == 404 and "not an endpoint" in json.dumps(json.loads(e.value.read()))

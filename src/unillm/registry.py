@@ -278,8 +278,9 @@ class Registry:
         """The entry for a name or alias; :class:`UnknownModelError` with suggestions otherwise."""
         if not isinstance(name, str):
             raise InvalidRequestError(f"model must be a model's name (a string), got {type(name).__name__}")
+        key = name if name in self._names or not name.endswith(":latest") else name[: -len(":latest")]
         try:
-            return self._specs[self._names[name]]
+            return self._specs[self._names[key]]  # Ollama's clients add ":latest" to a name without a tag
         except KeyError:
             raise UnknownModelError(name, self.suggest(name)) from None
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -96,6 +98,20 @@ class _OpenAIBody(BaseModel):
 
 
 _OLLAMA_UNSUPPORTED = ("images", "suffix", "template", "raw", "context", "think")
+#: Ollama options that change how fast or where a model runs, never its answer: unillm takes them from the
+#: registry entry (options.n_threads, n_gpu_layers...), so a request's values are accepted and not applied.
+_OLLAMA_SPEED_ONLY = ("num_thread", "num_gpu", "main_gpu", "num_batch", "num_keep", "use_mmap", "use_mlock", "numa",
+                      "low_vram")
+#: Endpoints of the two APIs that unillm does not implement: a 501 that names them, in the API's own shape.
+_NOT_IMPLEMENTED = ("/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy", "/api/blobs/{digest}",
+                    "/api/embed", "/api/embeddings", "/v1/embeddings", "/v1/completions")
+
+
+def _unloads(keep_alive: Any) -> bool:
+    """Ollama's keep_alive of zero ("0", 0, "0s", "0m"): unload the model."""
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        return keep_alive == 0
+    return isinstance(keep_alive, str) and re.fullmatch(r"0+(\.0+)?[smh]?", keep_alive.strip()) is not None
 
 
 def _typed(model: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -131,6 +147,8 @@ def _ollama_params(body: dict[str, Any]) -> dict[str, Any]:
     opts = dict(body.get("options") or {})
     params: dict[str, Any] = {dst: opts.pop(src) for src, dst in _OLLAMA_OPTIONS.items() if src in opts}
     opts.pop("num_ctx", None)  # the registry's context window rules
+    for name in _OLLAMA_SPEED_ONLY:  # where and how fast it runs, not what it answers (set in the registry)
+        opts.pop(name, None)
     mt = params.get("max_tokens")
     if isinstance(mt, int) and not isinstance(mt, bool) and mt < 0:
         del params["max_tokens"]  # Ollama's -1 (and -2): until the context is full
@@ -301,6 +319,19 @@ def create_app(
                     raise InvalidRequestError(f"{name} is not supported by unillm")
             model = typed.model
             check_not_self(model)
+            empty = not (typed.prompt if generate else typed.messages)
+            if empty or _unloads(typed.keep_alive):
+                # Ollama's idioms: an empty prompt loads the model, keep_alive 0 unloads it; neither generates.
+                if _unloads(typed.keep_alive):
+                    await engine.aunload(model)
+                    reason = "unload"
+                else:
+                    await engine.aload(model)
+                    reason = "load"
+                key = "response" if generate else "message"
+                done = {"model": model, "created_at": _now(), "done": True, "done_reason": reason,
+                        key: "" if generate else {"role": "assistant", "content": ""}}
+                return JSONResponse(done) if not typed.stream else ndjson(_one(done))
             if generate:
                 messages = ([{"role": "system", "content": typed.system}] if typed.system else []) + [
                     {"role": "user", "content": typed.prompt or ""}
@@ -347,9 +378,10 @@ def create_app(
     def model_entry(name: str) -> dict[str, Any]:
         spec = engine.registry.get(name)
         return {
-            "name": spec.name, "model": spec.name, "modified_at": _now(), "size": 0, "digest": "",
+            "name": spec.name, "model": spec.name, "modified_at": _now(), "size": _size(spec), "digest": _digest(spec),
             "details": {"format": "gguf" if spec.backend == "llamacpp" else spec.backend, "family": spec.backend,
                         "parameter_size": "", "quantization_level": ""},
+            "capabilities": ["completion", "tools"],
         }
 
     def runnable_names() -> list[str]:
@@ -371,14 +403,26 @@ def create_app(
         except UnillmError as exc:
             return error(exc, openai=False)
         params = "\n".join(f"{k} {v}" for k, v in spec.defaults.model_dump(exclude_none=True).items())
+        backend = engine.backend(spec.name)
+        template = getattr(backend, "_template", None) or ""
+        entry = model_entry(spec.name)
         return JSONResponse({
             "modelfile": f"# unillm registry entry {spec.name} ({spec.config_file})\nFROM {spec.source.describe()}\n",
-            "parameters": params, "template": "", "details": model_entry(spec.name)["details"],
-            "model_info": {"unillm.backend": spec.backend, "unillm.context_window": spec.context_window},
+            "parameters": params, "template": template, "details": entry["details"],
+            "capabilities": entry["capabilities"], "modified_at": entry["modified_at"],
+            "model_info": {"general.architecture": spec.backend, "unillm.backend": spec.backend,
+                           "unillm.context_window": spec.context_window},
         })
 
     async def api_ps(request: Request) -> Response:
         return JSONResponse({"models": [{**model_entry(n), "expires_at": _now(), "size_vram": 0} for n in engine.loaded()]})
+
+    async def not_implemented(request: Request) -> Response:
+        path = request.url.path
+        msg = f"{path} is not implemented by unillm serve (its models come from the registry, not a model store)"
+        if path.startswith("/v1/"):
+            return JSONResponse({"error": {"message": msg, "type": "not_implemented", "code": 501}}, status_code=501)
+        return JSONResponse({"error": msg}, status_code=501)
 
     async def unillm_stats(request: Request) -> Response:
         return JSONResponse(engine.stats())
@@ -433,10 +477,39 @@ def create_app(
         Route("/v1/models", v1_models, methods=["GET"]),
         Route("/v1/chat/completions", v1_chat, methods=["POST"]),
         Route("/", lambda r: Response("unillm is running"), methods=["GET", "HEAD"]),
+        *(Route(path, not_implemented, methods=["GET", "POST", "DELETE", "HEAD"]) for path in _NOT_IMPLEMENTED),
     ]
+    async def not_found(request: Request, exc: Exception) -> Response:
+        path = request.url.path
+        msg = f"{request.method} {path} is not an endpoint of unillm serve"
+        status = getattr(exc, "status_code", 404)
+        if path.startswith("/v1/"):
+            return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "code": status}}, status_code=status)
+        return JSONResponse({"error": msg}, status_code=status)
+
     guard = Middleware(Guard, bind_host=bind_host, bind_port=bind_port, allow_hosts=allow_hosts, api_key=api_key,
                        max_body_bytes=max_body_bytes)
-    return Starlette(routes=routes, middleware=[guard])
+    return Starlette(routes=routes, middleware=[guard], exception_handlers={404: not_found, 405: not_found})
+
+
+async def _one(obj: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield obj
+
+
+def _digest(spec: Any) -> str:
+    """A digest that tells registry entries apart (and changes when an entry does)."""
+    entry = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(entry).hexdigest()
+
+
+def _size(spec: Any) -> int:
+    """The model file's size, when it is a local file."""
+    from .registry import resolve_file
+
+    try:
+        return resolve_file(spec).stat().st_size if (spec.source.path or spec.source.package) else 0
+    except (UnillmError, OSError):
+        return 0
 
 
 async def _disconnected(request: Request) -> None:

@@ -223,13 +223,17 @@ class VLLMBackend(Backend):
 
     async def aclose(self) -> None:
         engine, self.engine = self.engine, None
+        self.tokenizer = None
         self._shares.pop(self.spec.name, None)
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
 
     def _prepare(self, request: Request) -> tuple[list[int], SamplingParams]:
-        msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
-        ids = list(self.tokenizer.apply_chat_template(
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise ModelUnloadedError(self.spec.name)
+        msgs, tools = chat_inputs(request, tokenizer.chat_template)
+        ids = list(tokenizer.apply_chat_template(
             msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         p = request.params
         max_tokens = fit_max_tokens(self.spec.name, len(ids), self.spec.context_window, p)
