@@ -26,7 +26,7 @@ from .errors import (
 )
 from .registry import ModelSpec, Registry
 from .params import ChatParams
-from .types import ChatCompletion, ChatCompletionChunk, Message, Timings, ToolCall, Usage
+from .types import ChatCompletion, ChatCompletionChunk, EmbeddingResponse, Message, Timings, ToolCall, Usage
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "ChatParams",
     "ConfigError",
     "ContextWindowExceededError",
+    "EmbeddingResponse",
     "Engine",
     "EngineClosedError",
     "GenerationError",

@@ -34,6 +34,7 @@ from .errors import (
     BackendUnavailableError,
     EngineClosedError,
     GenerationError,
+    InvalidRequestError,
     ModelLoadError,
     ModelUnloadedError,
     UnillmError,
@@ -43,7 +44,18 @@ from ._loop import LoopThread
 from .registry import ModelSpec, Registry
 from .structured import Structure, ToolCallParser
 from .system import give_memory_back, hardware_problem
-from .types import ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, Message, Timings
+from .types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Embedding,
+    EmbeddingResponse,
+    Message,
+    Timings,
+    Usage,
+)
 
 Messages = Sequence[Mapping[str, Any] | Message] | str
 
@@ -238,6 +250,20 @@ class _Core:
         task.add_done_callback(self._closing.discard)
         exc.args = (f"{exc} {reason}: the model was unloaded and loads again on the next call.",)
 
+    async def embed(self, model: str, texts: str | Sequence[str]) -> EmbeddingResponse:
+        items = [texts] if isinstance(texts, str) else texts
+        if not isinstance(items, Sequence) or not items or not all(isinstance(t, str) and t for t in items):
+            raise InvalidRequestError("input must be a non-empty string or a non-empty list of non-empty strings")
+        spec, backend, _, _ = await self.serving(model)
+        try:
+            with self._errors(spec, backend):
+                vectors, tokens = await backend.embed(list(items))
+        except UnillmError:
+            self.outcomes["error"] += 1
+            raise
+        self.outcomes["embeddings"] += 1
+        return EmbeddingResponse(spec.name, spec.backend, [Embedding(i, v) for i, v in enumerate(vectors)], Usage(tokens, 0))
+
     async def unload(self, model: str) -> bool:
         spec = self.registry.get(model)
         backend = self.backends.pop(spec.name, None)
@@ -426,6 +452,28 @@ class Engine:
         return await self._loop.run_async(
             run_batch(self._core, model, items, dict(params), progress=progress, concurrency=concurrency, on_result=on_result)
         )
+
+    # -- embeddings ---------------------------------------------------------------------------------
+
+    def embed(self, model: str, texts: str | Sequence[str]) -> EmbeddingResponse:
+        """One L2-normalized vector per text, in order (``r.data[i].embedding``, ``r.vectors``), with usage.
+
+        GGUF models pool their token vectors (mean by default, ``options.pooling``), transformers mean-pools
+        the last hidden states, Ollama answers through its ``/api/embed``.
+
+        Example:
+            >>> from unillm import Engine
+            >>> with Engine() as engine:                              # doctest: +SKIP
+            ...     r = engine.embed("smollm2", ["a cat on a mat", "quarterly revenue"])
+            ...     len(r.vectors), r.usage.prompt_tokens
+        """
+        self._check_open()
+        return self._loop.run(self._core.embed(model, texts))
+
+    async def aembed(self, model: str, texts: str | Sequence[str]) -> EmbeddingResponse:
+        """The async twin of :meth:`embed`."""
+        self._check_open()
+        return await self._loop.run_async(self._core.embed(model, texts))
 
     # -- models -------------------------------------------------------------------------------------
 

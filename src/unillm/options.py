@@ -36,6 +36,8 @@ class LlamaCppOptions(BaseModel):
     #: the default: a slot's attention then reads only its own cells, so one request alone is not slowed by
     #: a cache sized for all slots).
     kv_unified: bool = False
+    #: How ``Engine.embed`` pools the token vectors of a text.
+    pooling: Literal["mean", "cls", "last"] = "mean"
 
 
 class VLLMOptions(BaseModel):

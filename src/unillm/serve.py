@@ -14,11 +14,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
 import re
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -104,7 +106,7 @@ _OLLAMA_SPEED_ONLY = ("num_thread", "num_gpu", "main_gpu", "num_batch", "num_kee
                       "low_vram")
 #: Endpoints of the two APIs that unillm does not implement: a 501 that names them, in the API's own shape.
 _NOT_IMPLEMENTED = ("/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy", "/api/blobs/{digest}",
-                    "/api/embed", "/api/embeddings", "/v1/embeddings", "/v1/completions")
+                    "/v1/completions")
 
 
 def _unloads(keep_alive: Any) -> bool:
@@ -381,7 +383,7 @@ def create_app(
             "name": spec.name, "model": spec.name, "modified_at": _now(), "size": _size(spec), "digest": _digest(spec),
             "details": {"format": "gguf" if spec.backend == "llamacpp" else spec.backend, "family": spec.backend,
                         "parameter_size": "", "quantization_level": ""},
-            "capabilities": ["completion", "tools"],
+            "capabilities": ["completion", "tools", "embedding"],
         }
 
     def runnable_names() -> list[str]:
@@ -416,6 +418,58 @@ def create_app(
 
     async def api_ps(request: Request) -> Response:
         return JSONResponse({"models": [{**model_entry(n), "expires_at": _now(), "size_vram": 0} for n in engine.loaded()]})
+
+    async def v1_embeddings(request: Request) -> Response:
+        try:
+            body = await body_of(request)
+            unknown = set(body) - {"model", "input", "encoding_format", "user", "dimensions"}
+            if unknown:
+                raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
+            if body.get("dimensions") is not None:
+                raise InvalidRequestError("dimensions is not supported by unillm (the model's own size only)")
+            fmt = body.get("encoding_format") or "float"
+            if fmt not in ("float", "base64"):
+                raise InvalidRequestError(f"encoding_format {fmt!r}: use float or base64")
+            model = body.get("model")
+            if not isinstance(model, str):
+                raise InvalidRequestError("model: give the model's name as a string")
+            check_not_self(model)
+            r = await engine.aembed(model, body.get("input"))  # type: ignore[arg-type]  # checked there
+        except UnillmError as exc:
+            return error(exc, openai=True)
+        out = r.to_dict()
+        if fmt == "base64":  # what the OpenAI SDK asks for by default: little-endian float32
+            for d in out["data"]:
+                d["embedding"] = base64.b64encode(struct.pack(f"<{len(d['embedding'])}f", *d["embedding"])).decode()
+        return JSONResponse(out)
+
+    async def api_embed(request: Request, legacy: bool) -> Response:
+        try:
+            body = await body_of(request)
+            allowed = {"model", "prompt", "options", "keep_alive"} if legacy else {"model", "input", "truncate", "options", "keep_alive", "dimensions"}
+            unknown = set(body) - allowed
+            if unknown:
+                raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
+            if body.get("dimensions") is not None:
+                raise InvalidRequestError("dimensions is not supported by unillm")
+            model = body.get("model")
+            if not isinstance(model, str):
+                raise InvalidRequestError("model: give the model's name as a string")
+            check_not_self(model)
+            t = time.perf_counter()
+            r = await engine.aembed(model, body.get("prompt") if legacy else body.get("input"))  # type: ignore[arg-type]
+        except UnillmError as exc:
+            return error(exc, openai=False)
+        if legacy:
+            return JSONResponse({"embedding": r.vectors[0]})
+        return JSONResponse({"model": r.model, "embeddings": r.vectors, "total_duration": _ns(time.perf_counter() - t),
+                             "load_duration": 0, "prompt_eval_count": r.usage.prompt_tokens})
+
+    async def api_embed_new(request: Request) -> Response:
+        return await api_embed(request, legacy=False)
+
+    async def api_embed_legacy(request: Request) -> Response:
+        return await api_embed(request, legacy=True)
 
     async def not_implemented(request: Request) -> Response:
         path = request.url.path
@@ -476,6 +530,9 @@ def create_app(
         Route("/unillm/stats", unillm_stats, methods=["GET"]),
         Route("/v1/models", v1_models, methods=["GET"]),
         Route("/v1/chat/completions", v1_chat, methods=["POST"]),
+        Route("/v1/embeddings", v1_embeddings, methods=["POST"]),
+        Route("/api/embed", api_embed_new, methods=["POST"]),
+        Route("/api/embeddings", api_embed_legacy, methods=["POST"]),
         Route("/", lambda r: Response("unillm is running"), methods=["GET", "HEAD"]),
         *(Route(path, not_implemented, methods=["GET", "POST", "DELETE", "HEAD"]) for path in _NOT_IMPLEMENTED),
     ]

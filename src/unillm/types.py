@@ -240,3 +240,34 @@ class ChatCompletionChunk:
         if self.usage is not None:
             out["usage"] = self.usage.to_dict()
         return out
+
+
+@dataclass(slots=True)
+class Embedding:
+    """One input's vector."""
+
+    index: int
+    embedding: list[float]
+    object: str = "embedding"
+
+
+@dataclass(slots=True)
+class EmbeddingResponse:
+    """The answer to ``Engine.embed`` (OpenAI ``list`` of ``embedding`` shape): one vector per input, in order."""
+
+    model: str
+    backend: str
+    data: list[Embedding]
+    usage: Usage
+    object: str = "list"
+
+    @property
+    def vectors(self) -> list[list[float]]:
+        return [d.embedding for d in self.data]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "object": self.object, "model": self.model,
+            "data": [{"object": d.object, "index": d.index, "embedding": d.embedding} for d in self.data],
+            "usage": {"prompt_tokens": self.usage.prompt_tokens, "total_tokens": self.usage.prompt_tokens},
+        }

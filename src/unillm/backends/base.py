@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import UnillmError
+from ..errors import UnillmError, UnsupportedFeatureError
 from ..params import SamplingParams
 from ..registry import ModelSpec
 from ..structured import Structure, ToolCallParser, template_dicts
@@ -103,6 +103,10 @@ class Backend(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Free the model's memory; idempotent."""
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One L2-normalized vector per text, and the number of tokens read."""
+        raise UnsupportedFeatureError(self.name, f"embeddings (model {self.spec.name!r})")
 
     def dead(self) -> str | None:
         """Why this loaded backend can serve nothing more (its engine process died), or None. The engine

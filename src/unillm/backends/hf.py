@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 
-from ..errors import BackendNotInstalledError, InvalidRequestError, ModelLoadError, ModelUnloadedError
+from ..errors import (
+    BackendNotInstalledError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelUnloadedError,
+)
 from ..convert import model_folder
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
@@ -98,7 +104,7 @@ class _Stop(transformers.StoppingCriteria):  # type: ignore[misc]
 
 class HFBackend(Backend):
     name = "hf"
-    capabilities = Capabilities(streaming=True, json_schema=True, tools=True)
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, embeddings=True)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -180,6 +186,28 @@ class HFBackend(Backend):
         if emit is not None:
             emit(out.last_piece(result))
         return result
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if self._executor is None:
+            raise ModelUnloadedError(self.spec.name)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._embed, texts)
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean of the last hidden states over each text's tokens, L2-normalized (on the worker thread)."""
+        if self.model is None:
+            raise ModelUnloadedError(self.spec.name)
+        vectors, count = [], 0
+        with torch.inference_mode():
+            for text in texts:
+                ids = self.tokenizer(text, return_tensors="pt").to(self.device)
+                n = int(ids["input_ids"].shape[1])
+                if n > self.spec.context_window:
+                    raise ContextWindowExceededError(self.spec.name, n, self.spec.context_window)
+                hidden = self.model.base_model(**ids).last_hidden_state[0].float()
+                v = hidden.mean(dim=0)
+                vectors.append((v / v.norm()).tolist())
+                count += n
+        return vectors, count
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
         """An xgrammar logits processor that keeps the answer inside ``schema`` (on the worker thread)."""

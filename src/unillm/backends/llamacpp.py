@@ -28,7 +28,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import BackendNotInstalledError, GenerationError, InvalidRequestError, ModelLoadError, ModelUnloadedError
+from ..errors import (
+    BackendNotInstalledError,
+    ContextWindowExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelUnloadedError,
+)
 from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..system import cpu_count, default_threads
@@ -126,7 +133,7 @@ def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> 
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, gpu_offload=True)  # batching: options.parallel > 1
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True, gpu_offload=True)  # batching: options.parallel > 1
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
@@ -138,6 +145,7 @@ class LlamaCppBackend(Backend):
         self._cancels: set[threading.Event] = set()
         self._info: dict[str, Any] = {}
         self._batcher: Batcher | None = None
+        self._embedder: Any = None
 
     # -- load / close -------------------------------------------------------------------------------
 
@@ -212,6 +220,31 @@ class LlamaCppBackend(Backend):
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if self._executor is None:
+            raise ModelUnloadedError(self.spec.name)
+        return await self._submit(self._embed, texts)  # type: ignore[no-any-return]
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """On the worker thread: a second context of the same GGUF in embedding mode (mean pooling by
+        default, ``options.pooling``), made on the first call."""
+        if self._embedder is None:
+            o = self.options
+            pooling = {"mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS,
+                       "last": llama_cpp.LLAMA_POOLING_TYPE_LAST}[o.pooling]
+            self._embedder = llama_cpp.Llama(
+                model_path=self._info["path"], embedding=True, pooling_type=pooling, n_ctx=self.spec.context_window,
+                n_batch=self.spec.context_window, n_ubatch=self.spec.context_window, n_threads=self._info["n_threads"],
+                n_gpu_layers=self._info["n_gpu_layers"], verbose=False,
+            )
+        emb = self._embedder
+        for i, text in enumerate(texts):
+            n = len(emb.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n > self.spec.context_window:
+                raise ContextWindowExceededError(self.spec.name, n, self.spec.context_window)
+        vectors, count = emb.embed(texts, normalize=True, truncate=False, return_count=True)
+        return [list(map(float, v)) for v in vectors], int(count)
+
     def max_concurrency(self) -> int | None:
         # Keep every slot busy with one request queued behind it; more would only tokenize early.
         return 2 * self.options.parallel if self._batcher is not None else 1
@@ -223,11 +256,13 @@ class LlamaCppBackend(Backend):
         if executor is None:
             return
         llm, self._llm = self._llm, None
+        embedder, self._embedder = self._embedder, None
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             await asyncio.to_thread(batcher.close)
-        if llm is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, llm.close)
+        for model in (llm, embedder):
+            if model is not None:
+                await asyncio.get_running_loop().run_in_executor(executor, model.close)
         await asyncio.to_thread(executor.shutdown, True)
 
     # -- generation ---------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from ..errors import (
     GenerationError,
     InvalidRequestError,
     ModelLoadError,
+    ModelUnloadedError,
 )
 from ..registry import ModelSpec, Source
 from ..system import ollama_host
@@ -50,7 +51,7 @@ except ImportError as _exc:  # pragma: no cover
 
 class OllamaBackend(Backend):
     name = "ollama"
-    capabilities = Capabilities(streaming=True, json_schema=True, tools=True)
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, embeddings=True)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -193,6 +194,15 @@ class OllamaBackend(Backend):
             "model": self.tag, "messages": messages, "tools": tools,
             "options": options, "format": fmt, "keep_alive": self.options.keep_alive, "stream": stream,
         }
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if self.local is not None:
+            return await self.local.embed(texts)
+        if self.client is None:
+            raise ModelUnloadedError(self.spec.name)
+        with self._mapped():
+            r = await self.client.embed(model=self.tag, input=texts, keep_alive=self.options.keep_alive)
+        return [list(map(float, v)) for v in r.embeddings], int(r.prompt_eval_count or 0)
 
     async def generate(self, request: Request) -> Generation:
         if self.local is not None:

@@ -1,0 +1,94 @@
+"""Embeddings on the real SmolLM2 (pooled: SmolLM2 is a chat model, and no embedding GGUF is shipped on
+PyPI here), through the Python API, `unillm serve` and the official openai and ollama clients."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from unillm import Engine, InvalidRequestError, UnsupportedFeatureError
+
+CAT, CAT2, MONEY = "The cat sits on the mat.", "A cat is sitting on a mat.", "Quarterly revenue rose five percent."
+
+
+def cos(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def check(vectors: list[list[float]]) -> None:
+    assert len(vectors) == 3 and len({len(v) for v in vectors}) == 1 and len(vectors[0]) >= 64
+    for v in vectors:
+        assert math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-3)  # L2-normalized
+    assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2])  # a paraphrase is closer than another topic
+
+
+def test_llamacpp_embeddings(engine):
+    r = engine.embed("smollm2", [CAT, CAT2, MONEY])
+    check(r.vectors)
+    assert r.model == "smollm2" and r.backend == "llamacpp" and r.usage.prompt_tokens > 10
+    assert engine.embed("smollm2", CAT).vectors[0] == pytest.approx(r.vectors[0], abs=1e-5)  # order kept
+    d = r.to_dict()
+    assert d["object"] == "list" and d["data"][2]["index"] == 2 and d["usage"]["total_tokens"] == r.usage.prompt_tokens
+    assert "Paris" in engine.chat("smollm2", [{"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+                                             {"role": "user", "content": "What is the capital of France?"}],
+                                  max_tokens=32, temperature=0).text  # chat unaffected
+
+
+@pytest.mark.parametrize(("texts", "error", "fragment"), [
+    ([], InvalidRequestError, "non-empty"), ([""], InvalidRequestError, "non-empty"), ([1, 2], InvalidRequestError, "strings"),
+    (["word " * 3000], InvalidRequestError, "context window"),
+])
+def test_bad_embedding_inputs(engine, texts, error, fragment):
+    with pytest.raises(error) as e:
+        engine.embed("smollm2", texts)
+    assert fragment in str(e.value)
+
+
+def test_a_backend_without_embeddings_says_so(write_config):
+    import fake_backend
+
+    fake_backend.register()
+    cfg = write_config("models:\n  - {name: echo, backend: fake, source: {path: /x}, context_window: 64}\n")
+    with Engine(cfg, builtin=False) as eng:
+        with pytest.raises(UnsupportedFeatureError) as e:
+            eng.embed("echo", "hi")
+    assert "embeddings" in str(e.value) and "'echo'" in str(e.value)
+
+
+def test_transformers_embeddings():
+    pytest.importorskip("transformers")
+    with Engine() as eng:
+        r = eng.embed("smollm2-hf", [CAT, CAT2, MONEY])
+    check(r.vectors)
+    assert r.backend == "hf"
+
+
+def test_embeddings_over_http_with_the_official_clients(write_config):
+    openai = pytest.importorskip("openai")
+    ollama = pytest.importorskip("ollama")
+    from test_ollama_serve import start_server, stop, via
+
+    proc, url = start_server()
+    try:
+        with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+            r = client.embeddings.create(model="smollm2", input=[CAT, CAT2, MONEY])  # base64 on the wire
+            check([d.embedding for d in r.data])
+            floats = client.embeddings.create(model="smollm2", input=CAT, encoding_format="float")
+            assert floats.data[0].embedding == pytest.approx(r.data[0].embedding, abs=1e-5)
+            with pytest.raises(openai.BadRequestError) as e:
+                client.embeddings.create(model="smollm2", input=CAT, dimensions=8)
+            assert "dimensions" in str(e.value)
+        with ollama.Client(host=url) as c:
+            r2 = c.embed(model="smollm2", input=[CAT, CAT2, MONEY])
+            check([list(v) for v in r2.embeddings])
+            assert r2.prompt_eval_count > 10
+            assert c.embeddings(model="smollm2", prompt=CAT).embedding == pytest.approx(r2.embeddings[0], abs=1e-5)
+        with Engine(write_config(via(url))) as eng:  # the Ollama backend, through /api/embed
+            r3 = eng.embed("remote", [CAT, CAT2, MONEY])
+            check(r3.vectors)
+            assert r3.backend == "ollama"
+    finally:
+        stop(proc)
+    json.dumps(r3.vectors)
