@@ -92,3 +92,27 @@ def test_embeddings_over_http_with_the_official_clients(write_config):
     finally:
         stop(proc)
     json.dumps(r3.vectors)
+
+
+def test_batch_job_with_embed_writes_vectors_and_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.jsonl"
+    records = [{"id": "a", "text": CAT}, {"id": "b", "text": CAT2}, {"id": "c", "text": MONEY},
+               {"id": "d", "messages": [{"role": "user", "content": "hi"}]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "unillm", "batch", str(src), "-o", str(out), "-m", "smollm2", "--embed", "--no-progress"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr  # record d is an error record; the others are done
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    check([rows[k]["embedding"] for k in "abc"])
+    assert all(rows[k]["usage"]["prompt_tokens"] > 3 for k in "abc")
+    assert "text field" in rows["d"]["error"]["message"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert "4 skipped" in again.stderr and len(out.read_text().splitlines()) == 4  # resumed: nothing to do
+    retry = subprocess.run(cmd + ["--retry-failed"], capture_output=True, text=True, timeout=300)
+    assert "3 skipped" in retry.stderr and len(out.read_text().splitlines()) == 5  # only d was tried again
+    bad = subprocess.run(cmd + ["-t", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no chat parameters" in bad.stderr

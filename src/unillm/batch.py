@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import UnillmError
-from .types import ChatCompletion
+from .types import ChatCompletion, EmbeddingResponse
 
 if TYPE_CHECKING:
     from .engine import Messages, _Core
@@ -28,7 +28,7 @@ class BatchResult:
     """The outcome of one item: a response, or the error that item alone met."""
 
     index: int
-    response: ChatCompletion | None = None
+    response: ChatCompletion | EmbeddingResponse | None = None
     error: UnillmError | None = None
 
     @property
@@ -37,7 +37,7 @@ class BatchResult:
 
     @property
     def text(self) -> str | None:
-        return self.response.text if self.response is not None else None
+        return self.response.text if isinstance(self.response, ChatCompletion) else None
 
 
 @dataclass

@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--field", default="text", help="the record's text field (default: text)")
     job.add_argument("--retry-failed", action="store_true", help="redo records whose result was an error")
     _add_params(job)
+    job.add_argument("--embed", action="store_true", help="write each record's embedding vector instead of an answer")
     job.add_argument("--no-progress", action="store_true")
     _add_config(job)
 
@@ -226,7 +227,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     with Engine(args.config) as engine:
         summary = run_job(
             engine, args.input, args.output, args.model, template=args.template, text_field=args.field,
-            retry_failed=args.retry_failed, progress=not args.no_progress, **params,
+            retry_failed=args.retry_failed, progress=not args.no_progress, embed=args.embed, **params,
         )
     print(summary, file=sys.stderr)
     for err in summary.errors[:20]:

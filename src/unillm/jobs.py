@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .batch import BatchResult
-from .errors import ConfigError, InvalidRequestError
+from .errors import ConfigError, InvalidRequestError, UnillmError
+from .types import EmbeddingResponse
 
 DEFAULT_TEMPLATE = "$text"
 
@@ -95,7 +96,27 @@ def to_messages(record: dict[str, Any], template: string.Template, text_field: s
         raise InvalidRequestError(f"the template needs field {exc} that the record lacks") from exc
 
 
+def _embed_each(engine: Any, model: str, items: list[Any], write: Any, progress: bool) -> list[BatchResult]:
+    """One vector per record (one call each, so each record's usage is its own and a failure is its own)."""
+    from tqdm.auto import tqdm
+
+    results = []
+    for i, item in enumerate(tqdm(items, desc=model, unit="doc", disable=not progress, dynamic_ncols=True)):
+        try:
+            if not isinstance(item, str):
+                raise InvalidRequestError("an embedding job reads the record's text field, not 'messages'")
+            res = BatchResult(i, response=engine.embed(model, item))
+        except UnillmError as exc:
+            res = BatchResult(i, error=exc)
+        write(res)
+        results.append(res)
+    return results
+
+
 def result_record(rid: str, model: str, res: BatchResult) -> dict[str, Any]:
+    if isinstance(res.response, EmbeddingResponse):
+        e = res.response
+        return {"id": rid, "model": e.model, "embedding": e.data[0].embedding, "usage": {"prompt_tokens": e.usage.prompt_tokens}}
     if res.response is not None:
         r = res.response
         out: dict[str, Any] = {
@@ -142,9 +163,13 @@ def run_job(
     text_field: str = "text",
     retry_failed: bool = False,
     progress: bool = True,
+    embed: bool = False,
     **params: Any,
 ) -> JobSummary:
-    """Run (or resume) a job with ``engine`` (an :class:`~unillm.Engine`)."""
+    """Run (or resume) a job with ``engine`` (an :class:`~unillm.Engine`). With ``embed``, each record's text
+    (the template filled in) gets its vector instead of an answer."""
+    if embed and params:
+        raise InvalidRequestError(f"an embedding job takes no chat parameters (got {sorted(params)})")
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     done, repaired = read_done(output)
@@ -190,7 +215,10 @@ def run_job(
             append(result_record(todo[res.index][0], model, res))
 
         t0 = time.perf_counter()
-        results = engine.batch(model, [m for _, m in todo], progress=progress, on_result=write, **params) if todo else []
+        if embed:
+            results = _embed_each(engine, model, [m for _, m in todo], write, progress)
+        else:
+            results = engine.batch(model, [m for _, m in todo], progress=progress, on_result=write, **params) if todo else []
         summary.seconds = time.perf_counter() - t0
     for res in results:
         if res.response is not None:
