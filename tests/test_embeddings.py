@@ -116,3 +116,19 @@ def test_batch_job_with_embed_writes_vectors_and_resumes(tmp_path):
     assert "3 skipped" in retry.stderr and len(out.read_text().splitlines()) == 5  # only d was tried again
     bad = subprocess.run(cmd + ["-t", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no chat parameters" in bad.stderr
+
+
+def test_vllm_pooling_runner_embeddings():
+    """An entry with task: embed starts vLLM's pooling runner; a chat entry says how to get one."""
+    pytest.importorskip("vllm")
+    with Engine() as eng:
+        r = eng.embed("smollm2-vllm-embed", [CAT, CAT2, MONEY])
+        check(r.vectors)
+        assert r.backend == "vllm" and r.usage.prompt_tokens > 10
+        with pytest.raises(UnsupportedFeatureError) as e:
+            eng.chat("smollm2-vllm-embed", "hi")
+        assert "embedding model" in str(e.value)
+    with Engine() as eng:
+        with pytest.raises(UnsupportedFeatureError) as e:
+            eng.embed("smollm2-vllm", CAT)
+        assert "task: embed" in str(e.value)

@@ -38,6 +38,7 @@ from .errors import (
     ModelLoadError,
     ModelUnloadedError,
     UnillmError,
+    UnsupportedFeatureError,
 )
 from .params import ChatParams, merge_params, validate_messages
 from ._loop import LoopThread
@@ -134,6 +135,8 @@ class _Core:
     ) -> tuple[ModelSpec, Backend, Request, float, _Fallback | None]:
         msgs = validate_messages(messages)
         spec, backend, load_s, fallback = await self.serving(model)
+        if spec.task == "embed":
+            raise UnsupportedFeatureError(spec.backend, f"chat with {spec.name!r}: its registry entry is an embedding model (task: embed); use Engine.embed")
         sampling = merge_params({**backend.sampling_defaults(), **spec.defaults.model_dump(exclude_none=True)}, params)
         return spec, backend, Request(new_request_id(), msgs, sampling), load_s, fallback
 
@@ -254,6 +257,10 @@ class _Core:
         items = [texts] if isinstance(texts, str) else texts
         if not isinstance(items, Sequence) or not items or not all(isinstance(t, str) and t for t in items):
             raise InvalidRequestError("input must be a non-empty string or a non-empty list of non-empty strings")
+        wanted = self.registry.get(model)
+        cls = await asyncio.to_thread(backend_class, wanted.backend, wanted.name)
+        if (problem := cls.embed_problem(wanted)) is not None:
+            raise UnsupportedFeatureError(wanted.backend, problem)
         spec, backend, _, _ = await self.serving(model)
         try:
             with self._errors(spec, backend):

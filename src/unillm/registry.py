@@ -118,6 +118,9 @@ class ModelSpec(_Strict):
     defaults: SamplingDefaults = SamplingDefaults()
     options: dict[str, Any] = Field(default_factory=dict, description="backend-specific options")
     fallbacks: list[str] = Field(default_factory=list, description="models to try when this one cannot run")
+    #: ``chat`` models answer ``Engine.chat`` (and can embed where the backend pools them); ``embed`` marks an
+    #: embedding model: ``Engine.embed`` only (vLLM then starts its pooling runner).
+    task: Literal["chat", "embed"] = "chat"
     requires: Literal["any", "cpu", "cuda"] = "any"
     min_gpu_memory_gb: float | None = Field(None, gt=0)
 

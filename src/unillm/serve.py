@@ -383,7 +383,7 @@ def create_app(
             "name": spec.name, "model": spec.name, "modified_at": _now(), "size": _size(spec), "digest": _digest(spec),
             "details": {"format": "gguf" if spec.backend == "llamacpp" else spec.backend, "family": spec.backend,
                         "parameter_size": "", "quantization_level": ""},
-            "capabilities": ["completion", "tools", "embedding"],
+            "capabilities": ["embedding"] if spec.task == "embed" else ["completion", "tools", "embedding"],
         }
 
     def runnable_names() -> list[str]:

@@ -104,6 +104,11 @@ class Backend(ABC):
     async def aclose(self) -> None:
         """Free the model's memory; idempotent."""
 
+    @classmethod
+    def embed_problem(cls, spec: ModelSpec) -> str | None:
+        """Why this entry cannot embed, known before loading it (None: it can, or loading will tell)."""
+        return None
+
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """One L2-normalized vector per text, and the number of tokens read."""
         raise UnsupportedFeatureError(self.name, f"embeddings (model {self.spec.name!r})")

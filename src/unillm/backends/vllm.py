@@ -39,6 +39,7 @@ from ..errors import (
     ModelLoadError,
     ModelUnloadedError,
     UnillmError,
+    UnsupportedFeatureError,
 )
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
@@ -48,6 +49,7 @@ from ..options import VLLMOptions, parse_options
 from ..structured import Structure, ToolCallParser
 from .base import (
     Backend,
+    new_request_id,
     Capabilities,
     Generation,
     Piece,
@@ -59,7 +61,7 @@ from .base import (
 
 try:
     import vllm
-    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm import AsyncEngineArgs, PoolingParams, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.exceptions import VLLMValidationError
@@ -97,6 +99,8 @@ def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
     }
     if o.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = o.enable_prefix_caching
+    if spec.task == "embed":  # vLLM's pooling runner; a generative checkpoint is converted to embed
+        kwargs.update(runner="pooling", convert="embed")
     if on_gpu:
         kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
     if o.kv_cache_memory_bytes or not on_gpu:
@@ -141,7 +145,7 @@ def _script_without_main_guard() -> str | None:
 
 class VLLMBackend(Backend):
     name = "vllm"
-    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True)
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True)
     #: GPU shares of the vLLM engines alive in this process, by model name.
     _shares: ClassVar[dict[str, float]] = {}
 
@@ -192,6 +196,31 @@ class VLLMBackend(Backend):
 
     def max_concurrency(self) -> int | None:
         return 4 * self.options.max_num_seqs
+
+    @classmethod
+    def embed_problem(cls, spec: ModelSpec) -> str | None:
+        if spec.task == "embed":
+            return None
+        return (f"embeddings with {spec.name!r}: vLLM embeds with its pooling runner, which a registry entry with "
+                "task: embed starts (a second engine of the same checkpoint)")
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if (problem := self.embed_problem(self.spec)) is not None:
+            raise UnsupportedFeatureError("vllm", problem)
+        if self.engine is None:
+            raise ModelUnloadedError(self.spec.name)
+        engine = self.engine
+
+        async def one(i: int, text: str) -> tuple[list[float], int]:
+            out = None
+            async for out in engine.encode(text, PoolingParams(task="embed"), f"{new_request_id()}-{i}"):
+                pass
+            assert out is not None
+            v = out.outputs.data.float()
+            return (v / v.norm()).tolist(), len(out.prompt_token_ids)
+
+        got = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+        return [v for v, _ in got], sum(n for _, n in got)
 
     def dead(self) -> str | None:
         engine = self.engine
