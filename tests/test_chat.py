@@ -138,3 +138,28 @@ def test_single_and_batched_paths_agree_under_greedy(engine, single_engine):
     assert a.text == b.text and a.usage == b.usage
     assert engine.backend("smollm2").info()["parallel"] > 1
     assert single_engine.backend("smollm2-single").info()["parallel"] == 1
+
+
+def test_penalties_change_the_answer(engine):
+    """presence_penalty and frequency_penalty are chat parameters (they used to be dropped over HTTP)."""
+    prompt = [{"role": "user", "content": "Repeat the word cat twenty times."}]
+    plain = engine.chat("smollm2", prompt, max_tokens=40, **GREEDY).text
+    penalized = engine.chat("smollm2", prompt, max_tokens=40, frequency_penalty=2.0, presence_penalty=1.5, **GREEDY).text
+    assert penalized != plain
+    assert plain.lower().count("cat") > penalized.lower().count("cat")
+
+
+def test_n_gives_several_answers(engine):
+    r = engine.chat("smollm2", "Name a colour.", max_tokens=12, temperature=1.0, seed=3, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) > 1  # each has its own seed
+    again = engine.chat("smollm2", "Name a colour.", max_tokens=12, temperature=1.0, seed=3, n=3)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeds seed + i
+    assert 3 <= r.usage.completion_tokens <= 36 and r.usage.prompt_tokens == again.usage.prompt_tokens
+    import pytest
+
+    from unillm import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as e:
+        engine.chat("smollm2", "hi", n=2, stream=True)
+    assert "n > 1" in str(e.value)

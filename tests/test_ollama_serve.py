@@ -313,8 +313,8 @@ def test_openai_client_json_schema_and_tools(server):
         assert answer.choices[0].message.content
 
 
-@pytest.mark.parametrize(("field", "value"), [("n", 2), ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}),
-                                              ("frequency_penalty", 0.5), ("no_such_field", 1)])
+@pytest.mark.parametrize(("field", "value"), [("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}),
+                                              ("no_such_field", 1)])
 def test_openai_fields_that_would_change_the_answer_are_refused(server, field, value):
     with openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0) as client:
         with pytest.raises(openai.BadRequestError) as e:
@@ -409,3 +409,18 @@ def test_unknown_routes_are_json_404s(server):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(server + path, timeout=30)
         assert e.value.code == 404 and "not an endpoint" in json.dumps(json.loads(e.value.read()))
+
+
+def test_openai_n_and_penalties_are_honoured(server):
+    with openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0) as client:
+        r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}],
+                                           max_tokens=12, temperature=1.0, seed=3, n=3)
+        assert [c.index for c in r.choices] == [0, 1, 2] and len({c.message.content for c in r.choices}) > 1
+        prompt = [{"role": "user", "content": "Repeat the word cat twenty times."}]
+        plain = client.chat.completions.create(model="smollm2", messages=prompt, max_tokens=40, temperature=0)
+        pen = client.chat.completions.create(model="smollm2", messages=prompt, max_tokens=40, temperature=0,
+                                             frequency_penalty=2.0, presence_penalty=1.5)
+        assert pen.choices[0].message.content != plain.choices[0].message.content
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="smollm2", messages=prompt, n=2, stream=True)
+        assert "n > 1" in str(e.value)

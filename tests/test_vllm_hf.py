@@ -321,3 +321,14 @@ def test_vllm_dtype_follows_the_cpu(monkeypatch, has_bf16, on_gpu, expected):
     assert vb.engine_args(spec, "/m", on_gpu=on_gpu).dtype == expected
     explicit = spec.model_copy(update={"options": {**spec.options, "dtype": "bfloat16"}})
     assert vb.engine_args(explicit, "/m", on_gpu=on_gpu).dtype == "bfloat16"
+
+
+def test_penalties_on_vllm_and_refused_on_transformers(veng):
+    from unillm import UnsupportedFeatureError
+
+    prompt = [{"role": "user", "content": "Repeat the word cat twenty times."}]
+    plain = veng.chat("smollm2-vllm", prompt, max_tokens=40, **GREEDY).text
+    assert veng.chat("smollm2-vllm", prompt, max_tokens=40, frequency_penalty=2.0, **GREEDY).text != plain
+    with pytest.raises(UnsupportedFeatureError) as e:
+        veng.chat("smollm2-hf", prompt, max_tokens=8, presence_penalty=1.0)
+    assert "presence_penalty" in str(e.value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import os
 import time
 import weakref
@@ -143,35 +144,48 @@ class _Core:
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         structure: Structure | None = req.params.structure
+        # n > 1: n requests of the same prompt, each with its own seed (seed + i when a seed is given).
+        reqs = [req] + [
+            Request(new_request_id(), req.messages, dataclasses.replace(
+                req.params, seed=None if req.params.seed is None else (req.params.seed + i) % 2**32), req.started)
+            for i in range(1, req.params.n)
+        ]
         try:
             with self._errors(spec, backend):
-                gen: Generation = await backend.generate(req)
-            if gen.finish_reason == "cancelled":  # only unload or close stops a call that nobody cancelled
-                raise ModelUnloadedError(spec.name)
-            if structure is not None:
-                message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure))
-            else:
-                message, finish = Message("assistant", gen.text), gen.finish_reason
+                gens: list[Generation] = list(await asyncio.gather(*(backend.generate(r) for r in reqs)))
+            choices = []
+            for i, gen in enumerate(gens):
+                if gen.finish_reason == "cancelled":  # only unload or close stops a call that nobody cancelled
+                    raise ModelUnloadedError(spec.name)
+                if structure is not None:
+                    message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure))
+                else:
+                    message, finish = Message("assistant", gen.text), gen.finish_reason
+                choices.append(Choice(i, message, finish))
         except asyncio.CancelledError:
             self.outcomes["cancelled"] += 1
             raise
         except UnillmError:
             self.outcomes["error"] += 1
             raise
-        self.outcomes[finish] += 1
+        for c in choices:
+            self.outcomes[c.finish_reason or "stop"] += 1
+        first = gens[0]
         return ChatCompletion(
             id=req.id,
             model=spec.name,
             backend=spec.backend,
-            choices=[Choice(0, message, finish)],
-            usage=gen.usage,
-            timings=Timings(load_s, gen.ttft_s, time.perf_counter() - req.started, gen.decode_tokens_per_s),
+            choices=choices,
+            usage=Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens)),
+            timings=Timings(load_s, first.ttft_s, time.perf_counter() - req.started, first.decode_tokens_per_s),
             requested_model=fallback.requested if fallback else None,
             fallback_reason=fallback.reason if fallback else None,
         )
 
     async def open_stream(self, model: str, messages: Messages, params: dict[str, Any]) -> AsyncGenerator[ChatCompletionChunk, None]:
         """Start a stream and wait for its first chunk, so that bad requests fail here, not later."""
+        if params.get("n", 1) != 1:
+            raise InvalidRequestError("n > 1 is not streamed by unillm: ask without stream, or for one answer")
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         chunks = self._chunks(spec, backend, req, load_s, fallback)
         try:

@@ -13,7 +13,7 @@ Example:
     >>> merge_params({"temperature": 0.3}, {"max_tokens": 8}).temperature
     0.3
     >>> sorted(n for n, p in PARAMS.items() if p.registry_default)
-    ['max_tokens', 'seed', 'stop', 'temperature', 'top_p']
+    ['frequency_penalty', 'max_tokens', 'presence_penalty', 'seed', 'stop', 'temperature', 'top_p']
 """
 
 from __future__ import annotations
@@ -69,6 +69,16 @@ def _seed(name: str, v: Any) -> int:
     return v
 
 
+def _penalty(name: str, v: Any) -> float:
+    return _check_number(name, v, -2.0, 2.0)
+
+
+def _n(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16:
+        raise InvalidRequestError(f"{name} must be an integer from 1 to 16, got {v!r}")
+    return v
+
+
 def _any(name: str, v: Any) -> Any:
     return v  # checked as a whole by unillm.structured.structure_of
 
@@ -110,6 +120,9 @@ class ChatParams(TypedDict, total=False):
     max_tokens: Annotated[int, Param(_max_tokens, "most tokens to generate", True, ("-n", "--max-tokens"), int, "num_predict")]
     stop: Annotated[Union[str, list[str]], Param(_stop, "a string that ends the answer (repeatable)", True, ("--stop",), str, "stop")]
     seed: Annotated[int, Param(_seed, "random seed, for repeatable sampling", True, ("--seed",), int, "seed")]
+    presence_penalty: Annotated[float, Param(_penalty, "penalize tokens already present (-2 to 2)", True, ("--presence-penalty",), float, "presence_penalty")]
+    frequency_penalty: Annotated[float, Param(_penalty, "penalize tokens by how often they appeared (-2 to 2)", True, ("--frequency-penalty",), float, "frequency_penalty")]
+    n: Annotated[int, Param(_n, "how many answers (choices) to generate, each with its own seed (1-16)")]
     response_format: Annotated[ResponseFormat, Param(_any, "JSON output: json_object, json_schema or a pydantic class")]
     tools: Annotated[Sequence[Tool], Param(_any, "tools the model may call (OpenAI shape, or typed functions)")]
     tool_choice: Annotated[ToolChoice, Param(_any, "auto | none | required | {'type': 'function', 'function': {'name'}}")]
@@ -132,6 +145,9 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     max_tokens_given: bool = False
     #: What the answer must look like (a JSON schema, tool calls); see :mod:`unillm.structured`.

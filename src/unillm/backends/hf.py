@@ -29,6 +29,7 @@ from ..errors import (
     InvalidRequestError,
     ModelLoadError,
     ModelUnloadedError,
+    UnsupportedFeatureError,
 )
 from ..convert import model_folder
 from ..params import fit_max_tokens
@@ -159,6 +160,9 @@ class HFBackend(Backend):
             raise ModelUnloadedError(self.spec.name)
         if request.params.extra:
             raise InvalidRequestError(f"the hf backend takes no extra options (got {sorted(request.params.extra)})")
+        if request.params.presence_penalty or request.params.frequency_penalty:
+            raise UnsupportedFeatureError("hf", "presence_penalty and frequency_penalty (transformers has only "
+                                                "repetition_penalty, which counts differently)")
         msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
         ids = self.tokenizer.apply_chat_template(
             msgs, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True)

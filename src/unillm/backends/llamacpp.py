@@ -274,6 +274,10 @@ class LlamaCppBackend(Backend):
 
     def _sampling(self, request: Request, failures: list[BaseException]) -> dict[str, Any]:
         kw = extra_sampling(request.params.extra)
+        p = request.params
+        for name in ("presence_penalty", "frequency_penalty"):  # the call's own parameter over extra's
+            if getattr(p, name):
+                kw[name] = getattr(p, name)
         schema = request_schema(request)
         if schema is not None:
             if kw["grammar"] is not None:

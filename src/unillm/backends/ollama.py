@@ -185,6 +185,9 @@ class OllamaBackend(Backend):
             options["stop"] = p.stop
         if p.seed is not None:
             options["seed"] = p.seed
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(p, name):
+                options[name] = getattr(p, name)
         options.update(extra)  # Ollama's own options (top_k, repeat_penalty, num_gpu...), passed through
         if structure is not None and structure.mode == "call":
             messages, _ = chat_inputs(request, None)  # the tools in the system prompt; format= forces one call

@@ -276,7 +276,8 @@ class VLLMBackend(Backend):
         try:
             sp = SamplingParams(
                 temperature=p.temperature, top_p=p.top_p, max_tokens=max_tokens, stop=p.stop or None, seed=p.seed,
-                output_kind=RequestOutputKind.DELTA, **extra,
+                output_kind=RequestOutputKind.DELTA,
+                **{"presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty, **extra},
             )
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"vLLM refused the sampling parameters: {exc}") from exc
