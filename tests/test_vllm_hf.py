@@ -327,8 +327,9 @@ def test_penalties_on_vllm_and_refused_on_transformers(veng):
     from unillm import UnsupportedFeatureError
 
     prompt = [{"role": "user", "content": "Repeat the word cat twenty times."}]
-    plain = veng.chat("smollm2-vllm", prompt, max_tokens=40, **GREEDY).text
-    assert veng.chat("smollm2-vllm", prompt, max_tokens=40, frequency_penalty=2.0, **GREEDY).text != plain
+    long = {"max_tokens": 40, "extra": {"ignore_eos": True}}  # 40 tokens each, so repetition can show
+    plain = veng.chat("smollm2-vllm", prompt, **long, **GREEDY).text
+    assert veng.chat("smollm2-vllm", prompt, frequency_penalty=2.0, **long, **GREEDY).text != plain
     with pytest.raises(UnsupportedFeatureError) as e:
         veng.chat("smollm2-hf", prompt, max_tokens=8, presence_penalty=1.0)
     assert "presence_penalty" in str(e.value)
