@@ -333,3 +333,26 @@ def test_penalties_on_vllm_and_refused_on_transformers(veng):
     with pytest.raises(UnsupportedFeatureError) as e:
         veng.chat("smollm2-hf", prompt, max_tokens=8, presence_penalty=1.0)
     assert "presence_penalty" in str(e.value)
+
+
+def test_vllm_logprobs_in_openai_shape(veng):
+    import math
+
+    r = veng.chat("smollm2-vllm", ONE_WORD, max_tokens=12, logprobs=True, top_logprobs=3, **GREEDY)
+    content = r.choices[0].logprobs["content"]
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t["token"] for t in content) == r.text
+    for t in content:
+        assert t["logprob"] <= 0 and len(t["top_logprobs"]) == 3
+        assert t["top_logprobs"][0]["logprob"] >= t["top_logprobs"][-1]["logprob"]
+        assert math.isclose(t["logprob"], t["top_logprobs"][0]["logprob"], abs_tol=1e-4)  # greedy takes the top one
+    d = r.to_dict()["choices"][0]
+    assert d["logprobs"]["content"][0]["bytes"] == list(content[0]["token"].encode())
+    chunks = list(veng.chat("smollm2-vllm", ONE_WORD, max_tokens=12, logprobs=True, stream=True, **GREEDY))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs["content"]]
+    assert [t["token"] for t in streamed] == [t["token"] for t in content]
+    from unillm import UnsupportedFeatureError
+
+    with pytest.raises(UnsupportedFeatureError) as e:
+        veng.chat("smollm2-hf", ONE_WORD, max_tokens=4, logprobs=True)
+    assert "logprobs" in str(e.value)

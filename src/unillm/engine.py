@@ -138,6 +138,8 @@ class _Core:
         spec, backend, load_s, fallback = await self.serving(model)
         if spec.task == "embed":
             raise UnsupportedFeatureError(spec.backend, f"chat with {spec.name!r}: its registry entry is an embedding model (task: embed); use Engine.embed")
+        if (params.get("logprobs") or params.get("top_logprobs")) and not backend.capabilities.logprobs:
+            raise UnsupportedFeatureError(spec.backend, f"logprobs (model {spec.name!r}; vLLM models return them)")
         sampling = merge_params({**backend.sampling_defaults(), **spec.defaults.model_dump(exclude_none=True)}, params)
         return spec, backend, Request(new_request_id(), msgs, sampling), load_s, fallback
 
@@ -161,7 +163,8 @@ class _Core:
                     message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure))
                 else:
                     message, finish = Message("assistant", gen.text), gen.finish_reason
-                choices.append(Choice(i, message, finish))
+                lp = {"content": gen.logprobs} if gen.logprobs is not None else None
+                choices.append(Choice(i, message, finish, lp))
         except asyncio.CancelledError:
             self.outcomes["cancelled"] += 1
             raise
@@ -205,8 +208,9 @@ class _Core:
         outcome = "cancelled"  # unless it finishes or fails
 
         def chunk(delta: Delta, piece: Piece | None = None, finish: str | None = None) -> ChatCompletionChunk:
+            lp = {"content": piece.logprobs} if piece is not None and piece.logprobs is not None else None
             c = ChatCompletionChunk(
-                id=req.id, model=spec.name, backend=spec.backend, choices=[ChunkChoice(0, delta, finish)],
+                id=req.id, model=spec.name, backend=spec.backend, choices=[ChunkChoice(0, delta, finish, lp)],
                 requested_model=fallback.requested if fallback else None,
                 fallback_reason=fallback.reason if fallback else None,
             )
@@ -220,8 +224,8 @@ class _Core:
                 async for piece in pieces:
                     text = shaper.feed(piece.text) if shaper is not None else piece.text
                     if piece.finish_reason is None:
-                        if text:
-                            yield chunk(Delta(role, text))
+                        if text or piece.logprobs:
+                            yield chunk(Delta(role, text), piece)
                             role = None
                         continue
                     finish, calls = piece.finish_reason, None

@@ -79,6 +79,18 @@ def _n(name: str, v: Any) -> int:
     return v
 
 
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise InvalidRequestError(f"{name} must be true or false, got {v!r}")
+    return v
+
+
+def _top_logprobs(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20:
+        raise InvalidRequestError(f"{name} must be an integer from 0 to 20, got {v!r}")
+    return v
+
+
 def _any(name: str, v: Any) -> Any:
     return v  # checked as a whole by unillm.structured.structure_of
 
@@ -123,6 +135,8 @@ class ChatParams(TypedDict, total=False):
     presence_penalty: Annotated[float, Param(_penalty, "penalize tokens already present (-2 to 2)", True, ("--presence-penalty",), float, "presence_penalty")]
     frequency_penalty: Annotated[float, Param(_penalty, "penalize tokens by how often they appeared (-2 to 2)", True, ("--frequency-penalty",), float, "frequency_penalty")]
     n: Annotated[int, Param(_n, "how many answers (choices) to generate, each with its own seed (1-16)")]
+    logprobs: Annotated[bool, Param(_bool, "return each generated token's log probability (vLLM)")]
+    top_logprobs: Annotated[int, Param(_top_logprobs, "with logprobs: the most likely alternatives per token (0-20)")]
     response_format: Annotated[ResponseFormat, Param(_any, "JSON output: json_object, json_schema or a pydantic class")]
     tools: Annotated[Sequence[Tool], Param(_any, "tools the model may call (OpenAI shape, or typed functions)")]
     tool_choice: Annotated[ToolChoice, Param(_any, "auto | none | required | {'type': 'function', 'function': {'name'}}")]
@@ -148,6 +162,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     max_tokens_given: bool = False
     #: What the answer must look like (a JSON schema, tool calls); see :mod:`unillm.structured`.

@@ -57,7 +57,7 @@ _OLLAMA_OPTIONS = {p.ollama: name for name, p in PARAMS.items() if p.ollama}
 _OPENAI_PARAMS = [name for name in PARAMS if name != "extra"]
 #: OpenAI fields accepted when they ask for nothing unillm would do differently, and what that value is.
 _OPENAI_NEUTRAL: dict[str, Any] = {
-    "logprobs": False, "top_logprobs": 0, "logit_bias": {},
+    "logit_bias": {},
 }
 #: OpenAI fields that do not change the answer.
 _OPENAI_IGNORED = {"model", "messages", "stream", "stream_options", "user", "max_completion_tokens", "metadata",

@@ -116,6 +116,8 @@ class Choice:
     index: int
     message: Message
     finish_reason: str | None
+    #: With ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}, ...]}``.
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -155,6 +157,7 @@ class ChatCompletion:
                     "index": c.index,
                     "message": c.message.to_dict(),
                     "finish_reason": c.finish_reason,
+                    **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
                 }
                 for c in self.choices
             ],
@@ -193,6 +196,7 @@ class ChunkChoice:
     index: int
     delta: Delta
     finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -233,6 +237,7 @@ class ChatCompletionChunk:
                     "index": c.index,
                     "delta": c.delta.to_dict(),
                     "finish_reason": c.finish_reason,
+                    **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
                 }
                 for c in self.choices
             ],

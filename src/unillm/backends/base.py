@@ -45,6 +45,7 @@ class Capabilities:
     batching: bool = False
     embeddings: bool = False
     gpu_offload: bool = False
+    logprobs: bool = False
 
 
 @dataclass(slots=True)
@@ -66,6 +67,8 @@ class Generation:
     usage: Usage
     ttft_s: float | None
     decode_tokens_per_s: float | None
+    #: With ``logprobs``: one OpenAI ``{"token", "logprob", "bytes", "top_logprobs"}`` per generated token.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +80,7 @@ class Piece:
     usage: Usage | None = None
     ttft_s: float | None = None
     decode_tokens_per_s: float | None = None
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class Backend(ABC):

@@ -145,7 +145,7 @@ def _script_without_main_guard() -> str | None:
 
 class VLLMBackend(Backend):
     name = "vllm"
-    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True)
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True, logprobs=True)
     #: GPU shares of the vLLM engines alive in this process, by model name.
     _shares: ClassVar[dict[str, float]] = {}
 
@@ -273,6 +273,8 @@ class VLLMBackend(Backend):
                 raise InvalidRequestError("extra structured_outputs and a JSON schema (response_format or a required "
                                           "tool call) both constrain the answer: give one")
             extra["structured_outputs"] = StructuredOutputsParams(json=schema)
+        if p.logprobs:
+            extra.setdefault("logprobs", p.top_logprobs)
         try:
             sp = SamplingParams(
                 temperature=p.temperature, top_p=p.top_p, max_tokens=max_tokens, stop=p.stop or None, seed=p.seed,
@@ -289,12 +291,14 @@ class VLLMBackend(Backend):
         ids, sp = await asyncio.to_thread(self._prepare, request)  # tokenizing: off the loop
         outputs = self.engine.generate(TokensPrompt(prompt_token_ids=ids), sp, request.id)  # type: ignore[typeddict-item]
         n, first_at = 0, None
+        want_logprobs = request.params.logprobs
         try:
             async for out in outputs:
                 o = out.outputs[0]
                 n += len(o.token_ids)
                 if first_at is None and o.token_ids:
                     first_at = time.perf_counter()
+                lp = self._logprobs(o, request.params.top_logprobs) if want_logprobs else None
                 if out.finished:
                     if o.finish_reason not in ("stop", "length", "abort"):
                         raise GenerationError(self.spec.name, f"vLLM ended the request with {o.finish_reason!r}")
@@ -302,11 +306,13 @@ class VLLMBackend(Backend):
                     finish = "cancelled" if o.finish_reason == "abort" else o.finish_reason
                     if o.finish_reason == "stop" and o.stop_reason is None and n:
                         n -= 1  # vLLM counts the end token; the other backends (and unillm's usage) do not
+                        if lp:
+                            lp = lp[:-1]
                     ttft = first_at - request.started if first_at else None
-                    yield Piece(o.text, finish, Usage(len(ids), n), ttft, decode_rate(n, first_at, time.perf_counter()))
+                    yield Piece(o.text, finish, Usage(len(ids), n), ttft, decode_rate(n, first_at, time.perf_counter()), lp)
                     return
-                if o.text:
-                    yield Piece(o.text)
+                if o.text or lp:
+                    yield Piece(o.text, logprobs=lp)
         except Exception as exc:
             if self.engine is None:  # unload or close shut the engine down under this request
                 raise ModelUnloadedError(self.spec.name) from exc
@@ -314,15 +320,33 @@ class VLLMBackend(Backend):
         finally:
             await outputs.aclose()  # early close: vLLM aborts the request
 
+    def _logprobs(self, o: Any, top_n: int) -> list[dict[str, Any]]:
+        """vLLM's per-token logprobs of this delta in OpenAI's shape (the chosen token, then the top ones)."""
+        out = []
+        for token, entries in zip(o.token_ids, o.logprobs or []):
+            def item(tid: int, lp: Any) -> dict[str, Any]:
+                text = lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([tid])
+                return {"token": text, "logprob": float(lp.logprob), "bytes": list(text.encode("utf-8"))}
+
+            top = sorted(((t, e) for t, e in entries.items() if e.rank is not None and e.rank >= 1), key=lambda te: te[1].rank)
+            chosen = item(token, entries[token])
+            chosen["top_logprobs"] = [item(t, e) for t, e in top[:top_n]]
+            out.append(chosen)
+        return out
+
     async def generate(self, request: Request) -> Generation:
         parts: list[str] = []
+        logprobs: list[dict[str, Any]] | None = [] if request.params.logprobs else None
         pieces = self.stream(request)
         try:
             async for piece in pieces:
                 parts.append(piece.text)
+                if logprobs is not None and piece.logprobs:
+                    logprobs.extend(piece.logprobs)
                 if piece.finish_reason is not None:
                     assert piece.usage is not None
-                    return Generation("".join(parts), piece.finish_reason, piece.usage, piece.ttft_s, piece.decode_tokens_per_s)
+                    return Generation("".join(parts), piece.finish_reason, piece.usage, piece.ttft_s,
+                                      piece.decode_tokens_per_s, logprobs)
         finally:
             await pieces.aclose()
         raise GenerationError(self.spec.name, "vLLM ended the request without a final output")
