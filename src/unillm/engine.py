@@ -138,8 +138,9 @@ class _Core:
         spec, backend, load_s, fallback = await self.serving(model)
         if spec.task == "embed":
             raise UnsupportedFeatureError(spec.backend, f"chat with {spec.name!r}: its registry entry is an embedding model (task: embed); use Engine.embed")
-        if (params.get("logprobs") or params.get("top_logprobs")) and not backend.capabilities.logprobs:
-            raise UnsupportedFeatureError(spec.backend, f"logprobs (model {spec.name!r}; vLLM models return them)")
+        asked = [k for k in ("logprobs", "top_logprobs") if params.get(k)]
+        if asked and not backend.capabilities.logprobs:
+            raise UnsupportedFeatureError(spec.backend, f"{' and '.join(asked)} (model {spec.name!r}; vLLM models return them)")
         sampling = merge_params({**backend.sampling_defaults(), **spec.defaults.model_dump(exclude_none=True)}, params)
         return spec, backend, Request(new_request_id(), msgs, sampling), load_s, fallback
 
