@@ -228,6 +228,22 @@ def test_script_without_main_guard_gets_told_how(tmp_path):
     assert 'if __name__ == "__main__":' in out.stdout
 
 
+def test_a_script_from_stdin_is_told_to_be_a_file():
+    """`python -` used to crash vLLM's spawned engine (FileNotFoundError '<stdin>') behind "Engine core
+    initialization failed"."""
+    code = textwrap.dedent("""
+        from unillm import Engine, ModelLoadError
+        with Engine() as engine:
+            try:
+                engine.chat("smollm2-vllm", "hi", max_tokens=4)
+            except ModelLoadError as exc:
+                print("ERROR", exc)
+    """)
+    out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ERROR" in out.stdout and "save it to a file" in out.stdout
+
+
 def test_models_cli_shows_kv_capacity_after_load():
     out = subprocess.run([sys.executable, "-m", "unillm", "models", "--load", "smollm2-vllm"],
                          capture_output=True, text=True, timeout=600)

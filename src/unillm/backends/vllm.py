@@ -162,6 +162,9 @@ class VLLMBackend(Backend):
         script = _script_without_main_guard()
         if script is not None:
             raise ModelLoadError(self.spec.name, f"{SPAWN_HINT} ({script} has no such guard)")
+        if getattr(sys.modules.get("__main__"), "__file__", None) == "<stdin>":
+            raise ModelLoadError(self.spec.name, "vLLM starts its engine processes with spawn, which imports the main "
+                                 "script again, and a script read from stdin (python -) cannot be: save it to a file")
         on_gpu = bool(await asyncio.to_thread(gpus))
         model = str(await asyncio.to_thread(model_folder, self.spec)) if not self.spec.source.repo else self.spec.source.repo
         args = engine_args(self.spec, model, on_gpu)
