@@ -408,3 +408,25 @@ def test_batch_job_with_a_schema_retries_what_failed(tmp_path):
     for r in done.values():
         jsonschema.validate(r["parsed"], schema)
         assert json.loads(r["answer"]) == r["parsed"]
+
+
+# -- logprobs ------------------------------------------------------------------------------------------------
+
+
+def test_logprobs_on_llamacpp(model):
+    """OpenAI's logprobs on the default model (batched) and on the one-sequence path."""
+    import math
+
+    eng, name = model
+    r = eng.chat(name, CITY, max_tokens=12, logprobs=True, top_logprobs=3, **GREEDY)
+    content = r.choices[0].logprobs["content"]
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t["token"] for t in content).startswith(r.text[:5])
+    for t in content:
+        assert t["logprob"] <= 0 and len(t["top_logprobs"]) == 3
+        assert math.isclose(t["logprob"], t["top_logprobs"][0]["logprob"], abs_tol=1e-6)  # greedy: the top token
+        assert t["top_logprobs"][0]["logprob"] >= t["top_logprobs"][1]["logprob"] >= t["top_logprobs"][2]["logprob"]
+    chunks = list(eng.chat(name, CITY, max_tokens=12, logprobs=True, stream=True, **GREEDY))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs["content"]]
+    assert [t["token"] for t in streamed] == [t["token"] for t in content]
+    assert r.to_dict()["choices"][0]["logprobs"]["content"][0]["bytes"] == content[0]["bytes"]

@@ -140,7 +140,7 @@ class _Core:
             raise UnsupportedFeatureError(spec.backend, f"chat with {spec.name!r}: its registry entry is an embedding model (task: embed); use Engine.embed")
         asked = [k for k in ("logprobs", "top_logprobs") if params.get(k)]
         if asked and not backend.capabilities.logprobs:
-            raise UnsupportedFeatureError(spec.backend, f"{' and '.join(asked)} (model {spec.name!r}; vLLM models return them)")
+            raise UnsupportedFeatureError(spec.backend, f"{' and '.join(asked)} (model {spec.name!r}; llama.cpp and vLLM models return them)")
         sampling = merge_params({**backend.sampling_defaults(), **spec.defaults.model_dump(exclude_none=True)}, params)
         return spec, backend, Request(new_request_id(), msgs, sampling), load_s, fallback
 

@@ -135,7 +135,7 @@ class ChatParams(TypedDict, total=False):
     presence_penalty: Annotated[float, Param(_penalty, "penalize tokens already present (-2 to 2)", True, ("--presence-penalty",), float, "presence_penalty")]
     frequency_penalty: Annotated[float, Param(_penalty, "penalize tokens by how often they appeared (-2 to 2)", True, ("--frequency-penalty",), float, "frequency_penalty")]
     n: Annotated[int, Param(_n, "how many answers (choices) to generate, each with its own seed (1-16)")]
-    logprobs: Annotated[bool, Param(_bool, "return each generated token's log probability (vLLM)")]
+    logprobs: Annotated[bool, Param(_bool, "return each generated token's log probability (llama.cpp, vLLM)")]
     top_logprobs: Annotated[int, Param(_top_logprobs, "with logprobs: the most likely alternatives per token (0-20)")]
     response_format: Annotated[ResponseFormat, Param(_any, "JSON output: json_object, json_schema or a pydantic class")]
     tools: Annotated[Sequence[Tool], Param(_any, "tools the model may call (OpenAI shape, or typed functions)")]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import codecs
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ..types import Usage
 from .base import Generation, Piece, Request, decode_rate
@@ -36,6 +38,9 @@ class TokenText:
         self.first_at: float | None = None
         self.finish = "length"
         self._cut = False
+        #: With logprobs: an OpenAI entry per generated token (the end token excluded), and how many went out.
+        self.logprobs: list[dict[str, Any]] | None = [] if request.params.logprobs else None
+        self._lp_sent = 0
 
     def _tick(self) -> None:
         if self.first_at is None:
@@ -65,12 +70,41 @@ class TokenText:
         out, self.sent = self.text[self.sent : upto], upto
         return out
 
+    def add_logprobs(self, logits: Any, token: int, detokenize: Callable[[int], bytes]) -> None:
+        """Record the log probability of ``token`` (and the most likely alternatives) from the raw logits of
+        the step that chose it (the model's distribution, before temperature and penalties)."""
+        if self.logprobs is None:
+            return
+        import numpy as np
+
+        x = np.asarray(logits, dtype=np.float64)
+        m = x.max()
+        lp = x - (m + np.log(np.exp(x - m).sum()))
+
+        def item(t: int) -> dict[str, Any]:
+            raw = detokenize(t)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(lp[t]), "bytes": list(raw)}
+
+        entry = item(token)
+        k = self.request.params.top_logprobs
+        top: Any = np.argpartition(-lp, k)[:k] if k else []
+        entry["top_logprobs"] = [item(int(t)) for t in sorted(top, key=lambda t: -lp[t])]
+        self.logprobs.append(entry)
+
+    def take_logprobs(self) -> list[dict[str, Any]] | None:
+        """The entries not yet streamed (None without logprobs)."""
+        if self.logprobs is None:
+            return None
+        out, self._lp_sent = self.logprobs[self._lp_sent :], len(self.logprobs)
+        return out
+
     def result(self) -> Generation:
         if not self._cut:
             self.text += self._decoder.decode(b"", final=True)
         ttft = None if self.first_at is None else self.first_at - self.request.started
         rate = decode_rate(self.n, self.first_at, time.perf_counter())
-        return Generation(self.text, self.finish, Usage(self.prompt_tokens, self.n), ttft, rate)
+        return Generation(self.text, self.finish, Usage(self.prompt_tokens, self.n), ttft, rate, self.logprobs)
 
     def last_piece(self, result: Generation) -> Piece:
-        return Piece(result.text[self.sent :], result.finish_reason, result.usage, result.ttft_s, result.decode_tokens_per_s)
+        return Piece(result.text[self.sent :], result.finish_reason, result.usage, result.ttft_s, result.decode_tokens_per_s,
+                     self.take_logprobs())

@@ -55,6 +55,7 @@ from .base import (
 
 try:
     import llama_cpp
+    import numpy as np
     from llama_cpp import llama_chat_format
 except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
     raise BackendNotInstalledError("llamacpp", "llama-cpp-python", "llamacpp") from _exc
@@ -133,7 +134,8 @@ def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> 
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True, gpu_offload=True)  # batching: options.parallel > 1
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True,
+                                gpu_offload=True, logprobs=True)  # batching: options.parallel > 1
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
@@ -335,13 +337,16 @@ class LlamaCppBackend(Backend):
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     out.end_of_generation()
                     break
+                if out.logprobs is not None:  # the logits of the step that chose this token (the context's last)
+                    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+                    out.add_logprobs(logits, token, lambda t: bytes(llm.detokenize([t])))
                 if out.add(llm.detokenize([token])):
                     break
                 if cancel.is_set():
                     out.finish = "cancelled"
                     break
                 if emit is not None and (text := out.pending()):
-                    emit(Piece(text))
+                    emit(Piece(text, logprobs=out.take_logprobs()))
         finally:
             gen.close()
         result = out.result()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from ..errors import GenerationError, ModelLoadError, ModelUnloadedError, UnsupportedFeatureError
 from ._text import TokenText
@@ -218,12 +219,19 @@ class Batcher:
             if llama_cpp.llama_vocab_is_eog(self.vocab, token):
                 text.end_of_generation()
                 self._finish(slot)
-            elif text.add(self.llm.detokenize([token])):
+                continue
+            if text.logprobs is not None:
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
+                text.add_logprobs(logits, token, self._detokenize)
+            if text.add(self.llm.detokenize([token])):
                 self._finish(slot)
             else:
                 slot.last_token = token
                 if slot.job.emit is not None and (new := text.pending()):
-                    slot.job.emit(Piece(new))
+                    slot.job.emit(Piece(new, logprobs=text.take_logprobs()))
+
+    def _detokenize(self, token: int) -> bytes:
+        return bytes(self.llm.detokenize([token]))
 
     @staticmethod
     def _put(b: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
