@@ -427,3 +427,11 @@ def test_openai_n_and_penalties_are_honoured(server):
                                            logprobs=True, top_logprobs=2)
         tokens = r.choices[0].logprobs.content
         assert len(tokens) == r.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in tokens)
+
+
+def test_openai_models_retrieve(server):
+    with openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0) as client:
+        assert client.models.retrieve("smollm2").id == "smollm2"
+        assert client.models.retrieve("llama3.1:8b").id == "llama3.1:8b"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("no-such-model")

@@ -489,6 +489,13 @@ def create_app(
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "unillm"} for n in names]})
 
+    async def v1_model(request: Request) -> Response:
+        try:
+            spec = engine.registry.get(request.path_params["model"])
+        except UnillmError as exc:
+            return error(exc, openai=True)
+        return JSONResponse({"id": spec.name, "object": "model", "created": 0, "owned_by": "unillm"})
+
     async def v1_chat(request: Request) -> Response:
         return await admitted(request, lambda: openai_chat(request), openai=True)
 
@@ -529,6 +536,7 @@ def create_app(
         Route("/api/version", api_version, methods=["GET"]),
         Route("/unillm/stats", unillm_stats, methods=["GET"]),
         Route("/v1/models", v1_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
         Route("/v1/chat/completions", v1_chat, methods=["POST"]),
         Route("/v1/embeddings", v1_embeddings, methods=["POST"]),
         Route("/api/embed", api_embed_new, methods=["POST"]),
