@@ -25,6 +25,26 @@ def server():
     stop(proc)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def close_litellms_event_loop():
+    """LiteLLM's blocking calls make the main thread an event loop (asyncio.get_event_loop() in its service
+    logger) and never close it; close it here, where it comes from, rather than let a later test's garbage
+    collection report its sockets."""
+    yield
+    import asyncio
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:
+            return
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
+    asyncio.set_event_loop(None)
+
+
 ROUTES = [("ollama_chat/smollm2", ""), ("ollama/smollm2", ""), ("openai/smollm2", "/v1")]
 
 

@@ -11,6 +11,8 @@ single-sequence path (``parallel: 1``).
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import math
 import queue
 import random
 import threading
@@ -26,6 +28,7 @@ from ._text import TokenText
 from .base import Generation, Piece, Request
 
 _PENALTY_LAST_N = 64  # Llama's last_n_tokens_size
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 
 
 @dataclass
@@ -46,6 +49,8 @@ class _Slot:
     seq: int
     job: SeqJob
     sampler: Any
+    #: A grammar (JSON schema, GBNF) kept out of the chain: checked on the chain's pick, applied only if it fails.
+    grammar: Any = None
     pos: int = 0
     prompt_left: list[int] = field(default_factory=list)
     last_token: int = -1
@@ -85,6 +90,8 @@ class Batcher:
         self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._cand = (llama_cpp.llama_token_data * self.n_vocab)()  # candidates, for sequences with a grammar
+        self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.jobs: queue.SimpleQueue[SeqJob | None] = queue.SimpleQueue()
         self.slots: list[_Slot | None] = [None] * n_seq
         self.waiting: list[SeqJob] = []
@@ -151,21 +158,23 @@ class Batcher:
                         job.text.finish = "cancelled"
                         self._resolve(job)
                         continue
-                    sampler = self._sampler(job)
+                    sampler, grammar = self._sampler(job)
                 except Exception as exc:  # noqa: BLE001 - this request alone fails; the thread goes on
                     if not job.future.done():
                         job.future.set_exception(GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
                     continue
-                self.slots[i] = _Slot(i, job, sampler, prompt_left=list(job.tokens))
+                self.slots[i] = _Slot(i, job, sampler, grammar, prompt_left=list(job.tokens))
 
-    def _sampler(self, job: SeqJob) -> Any:
+    def _sampler(self, job: SeqJob) -> tuple[Any, Any]:
+        """The sampler chain of a sequence, and its grammar sampler (None without one)."""
         kw, p = job.sampling, job.request.params
+        grammar = None
+        if kw["grammar"] is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, kw["grammar"]._grammar.encode("utf-8"), b"root")
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
         add(llama_cpp.llama_sampler_init_penalties(
             self.n_vocab, _PENALTY_LAST_N, kw["repeat_penalty"], kw["frequency_penalty"], kw["presence_penalty"]))
-        if kw["grammar"] is not None:
-            add(llama_cpp.llama_sampler_init_grammar(self.vocab, kw["grammar"]._grammar.encode("utf-8"), b"root"))
         if p.temperature == 0.0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -176,7 +185,38 @@ class Batcher:
             add(llama_cpp.llama_sampler_init_temp(p.temperature))
             seed = p.seed if p.seed is not None else random.randint(0, 2**31 - 1)
             add(llama_cpp.llama_sampler_init_dist(seed))
-        return chain
+        return chain, grammar
+
+    def _sample(self, slot: _Slot, idx: int) -> int:
+        """Sample a sequence's next token. With a grammar, as llama.cpp's own common sampler does: the chain
+        picks from all the logits, the grammar checks that one token, and only when it refuses is the grammar
+        applied to the whole vocabulary and the pick made again (applying it to every token of every sequence at
+        every step is what made structured batches slow)."""
+        if slot.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(slot.sampler, self.ctx, idx))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
+        cur = self._candidates(logits)
+        llama_cpp.llama_sampler_apply(slot.sampler, ctypes.byref(cur))
+        token = int(self._cand[cur.selected].id)
+        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
+        check = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(check))
+        if math.isinf(one[0].logit):  # refused: constrain the whole vocabulary, then pick again
+            cur = self._candidates(logits)
+            llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(cur))
+            llama_cpp.llama_sampler_apply(slot.sampler, ctypes.byref(cur))
+            token = int(self._cand[cur.selected].id)
+        llama_cpp.llama_sampler_accept(slot.grammar, token)
+        llama_cpp.llama_sampler_accept(slot.sampler, token)
+        return token
+
+    def _candidates(self, logits: Any) -> Any:
+        """All tokens with their logits, in the buffer this batcher reuses."""
+        view = np.frombuffer(self._cand, dtype=_TOKEN_DATA, count=self.n_vocab)
+        view["id"] = self._ids
+        view["logit"] = logits
+        view["p"] = 0.0
+        return llama_cpp.llama_token_data_array(data=self._cand, size=self.n_vocab, selected=-1, sorted=False)
 
     def _step(self) -> None:
         b, n, outputs = self.batch, 0, []
@@ -214,7 +254,7 @@ class Batcher:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         for slot, idx in outputs:
-            token = llama_cpp.llama_sampler_sample(slot.sampler, self.ctx, idx)
+            token = self._sample(slot, idx)
             text = slot.job.text
             if llama_cpp.llama_vocab_is_eog(self.vocab, token):
                 text.end_of_generation()
@@ -243,8 +283,9 @@ class Batcher:
 
     def _release(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-        if slot.sampler is not None:
-            llama_cpp.llama_sampler_free(slot.sampler)
+        for sampler in (slot.sampler, slot.grammar):
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
         self.slots[slot.seq] = None
 
     def _finish(self, slot: _Slot) -> None:
