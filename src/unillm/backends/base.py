@@ -19,10 +19,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import UnillmError, UnsupportedFeatureError
+from ..errors import ModelUnloadedError, UnillmError, UnsupportedFeatureError
 from ..params import SamplingParams
 from ..registry import ModelSpec
 from ..structured import Structure, ToolCallParser, template_dicts
@@ -197,3 +198,63 @@ async def pieces_from_worker(
         cancel.set()
         with contextlib.suppress(BaseException):
             await asyncio.shield(job)
+
+
+class ThreadedBackend(Backend):
+    """A backend whose library blocks (llama.cpp, transformers): one worker thread per model does its work,
+    requests are started by :meth:`_start` and stopped through cancel events, which unload sets too."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self._executor: ThreadPoolExecutor | None = None
+        self._cancels: set[threading.Event] = set()
+
+    async def _start_worker(self, load: Callable[..., Any], *args: Any) -> None:
+        """Create the model's worker thread and run ``load`` on it; on failure the thread goes too."""
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"unillm-{self.name}-{self.spec.name}")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, load, *args)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    def _stop_requests(self) -> ThreadPoolExecutor | None:
+        """For unload: cancel what runs (it stops at its next token) and take the worker away from new requests."""
+        for cancel in list(self._cancels):
+            cancel.set()
+        executor, self._executor = self._executor, None
+        return executor
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        if self._executor is None:
+            raise ModelUnloadedError(self.spec.name)
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @abstractmethod
+    async def _start(
+        self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None
+    ) -> asyncio.Future[Generation]:
+        """Start a request; the future gets its Generation. ``emit`` receives pieces when streaming."""
+
+    async def generate(self, request: Request) -> Generation:
+        cancel = threading.Event()
+        self._cancels.add(cancel)
+        try:
+            return await (await self._start(request, cancel, None))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            self._cancels.discard(cancel)
+
+    async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
+        cancel = threading.Event()
+        self._cancels.add(cancel)
+        pieces = pieces_from_worker(lambda emit: self._start(request, cancel, emit), cancel)
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            await pieces.aclose()
+            self._cancels.discard(cancel)

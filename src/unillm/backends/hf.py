@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
 
 from ..errors import (
     BackendNotInstalledError,
@@ -37,13 +35,12 @@ from ..registry import ModelSpec
 from ._text import TokenText
 from ..options import HFOptions, parse_options
 from .base import (
-    Backend,
     Capabilities,
     Generation,
     Piece,
     Request,
+    ThreadedBackend,
     chat_inputs,
-    pieces_from_worker,
     request_schema,
 )
 
@@ -103,29 +100,20 @@ class _Stop(transformers.StoppingCriteria):  # type: ignore[misc]
         return self.streamer.done
 
 
-class HFBackend(Backend):
+class HFBackend(ThreadedBackend):
     name = "hf"
     capabilities = Capabilities(streaming=True, json_schema=True, tools=True, embeddings=True)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
         self.options = parse_options(HFOptions, spec)
-        self._executor: ThreadPoolExecutor | None = None
         self.model: Any = None
         self.tokenizer: Any = None
         self.device = "cpu"
         self._compiler: Any = None
-        self._cancels: set[threading.Event] = set()
 
     async def load(self) -> None:
-        folder = await asyncio.to_thread(model_folder, self.spec)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"unillm-hf-{self.spec.name}")
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._load_sync, folder)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
+        await self._start_worker(self._load_sync, await asyncio.to_thread(model_folder, self.spec))
 
     def _load_sync(self, folder: Path) -> None:
         o = self.options
@@ -146,9 +134,7 @@ class HFBackend(Backend):
         return 1
 
     async def aclose(self) -> None:
-        for cancel in list(self._cancels):  # running requests stop at their next token
-            cancel.set()
-        executor, self._executor = self._executor, None
+        executor = self._stop_requests()
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, True)
         self.model = None
@@ -192,9 +178,7 @@ class HFBackend(Backend):
         return result
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        if self._executor is None:
-            raise ModelUnloadedError(self.spec.name)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._embed, texts)
+        return await self._submit(self._embed, texts)  # type: ignore[no-any-return]
 
     def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean of the last hidden states over each text's tokens, L2-normalized (on the worker thread)."""
@@ -229,33 +213,7 @@ class HFBackend(Backend):
             raise InvalidRequestError(f"xgrammar cannot compile this JSON schema: {exc}") from exc
         return LogitsProcessor(compiled)
 
-    def _submit(self, *args: Any) -> asyncio.Future[Generation]:
-        if self._executor is None:
-            raise ModelUnloadedError(self.spec.name)
-        return asyncio.get_running_loop().run_in_executor(self._executor, self._run, *args)
-
-    async def generate(self, request: Request) -> Generation:
-        cancel = threading.Event()
-        self._cancels.add(cancel)
-        try:
-            return await self._submit(request, cancel, None)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
-        finally:
-            self._cancels.discard(cancel)
-
-    async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
-        cancel = threading.Event()
-        self._cancels.add(cancel)
-
-        async def start(emit: Callable[[Piece], None]) -> asyncio.Future[Generation]:
-            return self._submit(request, cancel, emit)
-
-        pieces = pieces_from_worker(start, cancel)
-        try:
-            async for piece in pieces:
-                yield piece
-        finally:
-            await pieces.aclose()
-            self._cancels.discard(cancel)
+    async def _start(
+        self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None
+    ) -> asyncio.Future[Generation]:
+        return self._submit(self._run, request, cancel, emit)

@@ -22,8 +22,7 @@ import asyncio
 import json
 import random
 import threading
-from collections.abc import AsyncGenerator, Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -43,13 +42,12 @@ from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
 from ..options import LlamaCppOptions, parse_options
 from .base import (
-    Backend,
     Capabilities,
     Generation,
     Piece,
     Request,
+    ThreadedBackend,
     chat_inputs,
-    pieces_from_worker,
     request_schema,
 )
 
@@ -132,7 +130,7 @@ def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> 
     return call
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(ThreadedBackend):
     name = "llamacpp"
     capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True,
                                 gpu_offload=True, logprobs=True)  # batching: options.parallel > 1
@@ -143,8 +141,6 @@ class LlamaCppBackend(Backend):
         self._llm: Any = None
         self._formatter: Any = None
         self._template: str | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._cancels: set[threading.Event] = set()
         self._info: dict[str, Any] = {}
         self._batcher: Batcher | None = None
         self._embedder: Any = None
@@ -152,15 +148,7 @@ class LlamaCppBackend(Backend):
     # -- load / close -------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        path = resolve_file(self.spec)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"unillm-llamacpp-{self.spec.name}")
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._load_sync, str(path))
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
+        await self._start_worker(self._load_sync, str(resolve_file(self.spec)))
 
     def _load_sync(self, path: str) -> None:
         o = self.options
@@ -223,8 +211,6 @@ class LlamaCppBackend(Backend):
         return dict(self._info)
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        if self._executor is None:
-            raise ModelUnloadedError(self.spec.name)
         return await self._submit(self._embed, texts)  # type: ignore[no-any-return]
 
     def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -252,9 +238,7 @@ class LlamaCppBackend(Backend):
         return 2 * self.options.parallel if self._batcher is not None else 1
 
     async def aclose(self) -> None:
-        for ev in list(self._cancels):
-            ev.set()
-        executor, self._executor = self._executor, None
+        executor = self._stop_requests()
         if executor is None:
             return
         llm, self._llm = self._llm, None
@@ -268,11 +252,6 @@ class LlamaCppBackend(Backend):
         await asyncio.to_thread(executor.shutdown, True)
 
     # -- generation ---------------------------------------------------------------------------------
-
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        if self._executor is None:
-            raise ModelUnloadedError(self.spec.name)
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _sampling(self, request: Request, failures: list[BaseException]) -> dict[str, Any]:
         kw = extra_sampling(request.params.extra)
@@ -370,25 +349,3 @@ class LlamaCppBackend(Backend):
         job: SeqJob = await self._submit(self._job, request, cancel, emit)
         self._batcher.submit(job)
         return asyncio.wrap_future(job.future)
-
-    async def generate(self, request: Request) -> Generation:
-        cancel = threading.Event()
-        self._cancels.add(cancel)
-        try:
-            return await (await self._start(request, cancel, None))
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
-        finally:
-            self._cancels.discard(cancel)
-
-    async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
-        cancel = threading.Event()
-        self._cancels.add(cancel)
-        pieces = pieces_from_worker(lambda emit: self._start(request, cancel, emit), cancel)
-        try:
-            async for piece in pieces:
-                yield piece
-        finally:
-            await pieces.aclose()
-            self._cancels.discard(cancel)
