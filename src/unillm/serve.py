@@ -47,9 +47,9 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .params import PARAMS
-from .serve_guard import Guard
+from .serve_guard import Guard, error_body
 from .structured import loads_arguments
-from .types import ChatCompletion, ChatCompletionChunk
+from .types import ChatCompletion, ChatCompletionChunk, EmbeddingResponse
 
 #: Ollama ``options`` keys that are unillm chat parameters (from unillm.params.PARAMS).
 _OLLAMA_OPTIONS = {p.ollama: name for name, p in PARAMS.items() if p.ollama}
@@ -238,10 +238,8 @@ def create_app(
     beyond ``max_queue`` generation requests in flight, a 503 with ``Retry-After``."""
 
     def error(exc: UnillmError, openai: bool) -> JSONResponse:
-        body: dict[str, Any] = (
-            {"error": {"message": str(exc), "type": type(exc).__name__, "code": _status(exc)}} if openai else {"error": str(exc)}
-        )
-        return JSONResponse(body, status_code=_status(exc))
+        status = _status(exc)
+        return JSONResponse(error_body(str(exc), status, openai, type(exc).__name__), status_code=status)
 
     async def body_of(request: Request) -> dict[str, Any]:
         raw = await request.body()
@@ -398,10 +396,8 @@ def create_app(
     async def api_show(request: Request) -> Response:
         try:
             body = await body_of(request)
-            name = body.get("model") or body.get("name")
-            if not isinstance(name, str):
-                raise InvalidRequestError("model: give the model's name as a string")
-            spec = engine.registry.get(name)
+            name: Any = body.get("model") or body.get("name")
+            spec = engine.registry.get(name)  # a name that is not a string is refused there
         except UnillmError as exc:
             return error(exc, openai=False)
         params = "\n".join(f"{k} {v}" for k, v in spec.defaults.model_dump(exclude_none=True).items())
@@ -419,22 +415,25 @@ def create_app(
     async def api_ps(request: Request) -> Response:
         return JSONResponse({"models": [{**model_entry(n), "expires_at": _now(), "size_vram": 0} for n in engine.loaded()]})
 
+    async def embeddings(body: dict[str, Any], text_key: str, allowed: set[str]) -> EmbeddingResponse:
+        """The embeddings an /api/embed, /api/embeddings or /v1/embeddings body asks for."""
+        unknown = set(body) - allowed
+        if unknown:
+            raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
+        if body.get("dimensions") is not None:
+            raise InvalidRequestError("dimensions is not supported by unillm (the model's own size only)")
+        model: Any = body.get("model")
+        texts: Any = body.get(text_key)
+        check_not_self(model)  # Registry.get refuses a name that is not a string
+        return await engine.aembed(model, texts)  # the engine checks the input's type
+
     async def v1_embeddings(request: Request) -> Response:
         try:
             body = await body_of(request)
-            unknown = set(body) - {"model", "input", "encoding_format", "user", "dimensions"}
-            if unknown:
-                raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
-            if body.get("dimensions") is not None:
-                raise InvalidRequestError("dimensions is not supported by unillm (the model's own size only)")
             fmt = body.get("encoding_format") or "float"
             if fmt not in ("float", "base64"):
                 raise InvalidRequestError(f"encoding_format {fmt!r}: use float or base64")
-            model = body.get("model")
-            if not isinstance(model, str):
-                raise InvalidRequestError("model: give the model's name as a string")
-            check_not_self(model)
-            r = await engine.aembed(model, body.get("input"))  # type: ignore[arg-type]  # checked there
+            r = await embeddings(body, "input", {"model", "input", "encoding_format", "user", "dimensions"})
         except UnillmError as exc:
             return error(exc, openai=True)
         out = r.to_dict()
@@ -446,18 +445,11 @@ def create_app(
     async def api_embed(request: Request, legacy: bool) -> Response:
         try:
             body = await body_of(request)
-            allowed = {"model", "prompt", "options", "keep_alive"} if legacy else {"model", "input", "truncate", "options", "keep_alive", "dimensions"}
-            unknown = set(body) - allowed
-            if unknown:
-                raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
-            if body.get("dimensions") is not None:
-                raise InvalidRequestError("dimensions is not supported by unillm")
-            model = body.get("model")
-            if not isinstance(model, str):
-                raise InvalidRequestError("model: give the model's name as a string")
-            check_not_self(model)
             t = time.perf_counter()
-            r = await engine.aembed(model, body.get("prompt") if legacy else body.get("input"))  # type: ignore[arg-type]
+            if legacy:
+                r = await embeddings(body, "prompt", {"model", "prompt", "options", "keep_alive"})
+            else:
+                r = await embeddings(body, "input", {"model", "input", "truncate", "options", "keep_alive", "dimensions"})
         except UnillmError as exc:
             return error(exc, openai=False)
         if legacy:
@@ -474,9 +466,7 @@ def create_app(
     async def not_implemented(request: Request) -> Response:
         path = request.url.path
         msg = f"{path} is not implemented by unillm serve (its models come from the registry, not a model store)"
-        if path.startswith("/v1/"):
-            return JSONResponse({"error": {"message": msg, "type": "not_implemented", "code": 501}}, status_code=501)
-        return JSONResponse({"error": msg}, status_code=501)
+        return JSONResponse(error_body(msg, 501, path.startswith("/v1/"), "not_implemented"), status_code=501)
 
     async def unillm_stats(request: Request) -> Response:
         return JSONResponse(engine.stats())
@@ -487,14 +477,14 @@ def create_app(
     async def v1_models(request: Request) -> Response:
         names = await asyncio.to_thread(runnable_names)
         return JSONResponse({"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "unillm"} for n in names]})
+            _openai_model(n) for n in names]})
 
     async def v1_model(request: Request) -> Response:
         try:
             spec = engine.registry.get(request.path_params["model"])
         except UnillmError as exc:
             return error(exc, openai=True)
-        return JSONResponse({"id": spec.name, "object": "model", "created": 0, "owned_by": "unillm"})
+        return JSONResponse(_openai_model(spec.name))
 
     async def v1_chat(request: Request) -> Response:
         return await admitted(request, lambda: openai_chat(request), openai=True)
@@ -548,13 +538,15 @@ def create_app(
         path = request.url.path
         msg = f"{request.method} {path} is not an endpoint of unillm serve"
         status = getattr(exc, "status_code", 404)
-        if path.startswith("/v1/"):
-            return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "code": status}}, status_code=status)
-        return JSONResponse({"error": msg}, status_code=status)
+        return JSONResponse(error_body(msg, status, path.startswith("/v1/")), status_code=status)
 
     guard = Middleware(Guard, bind_host=bind_host, bind_port=bind_port, allow_hosts=allow_hosts, api_key=api_key,
                        max_body_bytes=max_body_bytes)
     return Starlette(routes=routes, middleware=[guard], exception_handlers={404: not_found, 405: not_found})
+
+
+def _openai_model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "unillm"}
 
 
 async def _one(obj: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -119,9 +119,14 @@ class Guard:
                 await _refuse(send, 413, f"the request body is over the limit of {self.max_body} bytes (--max-body)", api)
 
 
+def error_body(message: str, status: int, openai: bool, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """An error in the shape of the API asked: OpenAI's ``{"error": {"message", "type", "code"}}`` or Ollama's
+    ``{"error": message}``."""
+    return {"error": {"message": message, "type": kind, "code": status}} if openai else {"error": message}
+
+
 async def _refuse(send: Send, status: int, message: str, api: str, kind: str = "invalid_request_error") -> None:
-    body = {"error": {"message": message, "type": kind, "code": status}} if api == "openai" else {"error": message}
-    data = json.dumps(body).encode()
+    data = json.dumps(error_body(message, status, api == "openai", kind)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
