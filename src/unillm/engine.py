@@ -277,7 +277,8 @@ class _Core:
         if not isinstance(items, Sequence) or not items or not all(isinstance(t, str) and t for t in items):
             raise InvalidRequestError("input must be a non-empty string or a non-empty list of non-empty strings")
         wanted = self.registry.get(model)
-        cls = await asyncio.to_thread(backend_class, wanted.backend, wanted.name)
+        loaded = self.backends.get(wanted.name)
+        cls = type(loaded) if loaded is not None else await asyncio.to_thread(backend_class, wanted.backend, wanted.name)
         if (problem := cls.embed_problem(wanted)) is not None:
             raise UnsupportedFeatureError(wanted.backend, problem)
         spec, backend, _, _ = await self.serving(model)

@@ -108,9 +108,12 @@ def tool_from_function(fn: Callable[..., Any]) -> dict[str, Any]:
     return {"type": "function", "function": {"name": fn.__name__, "description": summary.strip(), "parameters": params}}
 
 
-def _tool(i: int, t: Any) -> dict[str, Any]:
+def _tool(i: int, t: Any) -> tuple[dict[str, Any], Any]:
+    """A tool in OpenAI's shape, and the validator of its arguments (which also checks its schema)."""
     if callable(t) and not isinstance(t, Mapping):
-        return tool_from_function(t)
+        tool = tool_from_function(t)
+        fn = tool["function"]
+        return tool, _validator(fn["parameters"], f"tools[{i}] ({fn['name']}) parameters")
     if not isinstance(t, Mapping) or t.get("type", "function") != "function" or not isinstance(t.get("function"), Mapping):
         raise InvalidRequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name', 'parameters'}}}} or a function")
     fn = t["function"]
@@ -120,11 +123,11 @@ def _tool(i: int, t: Any) -> dict[str, Any]:
     params = fn.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(params, Mapping):
         raise InvalidRequestError(f"tools[{i}].function.parameters must be a JSON schema object")
-    _validator(params, f"tools[{i}] ({name}) parameters")
+    validator = _validator(params, f"tools[{i}] ({name}) parameters")
     out = {"name": name, "parameters": dict(params)}
     if fn.get("description"):
         out["description"] = str(fn["description"])
-    return {"type": "function", "function": out}
+    return {"type": "function", "function": out}, validator
 
 
 def call_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -154,9 +157,6 @@ class Structure:
     tools: tuple[dict[str, Any], ...] = ()
     model_class: type | None = None
     _validators: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def tool_validator(self, name: str) -> Any:
-        return self._validators.get(name)
 
     # -- reading the output ----------------------------------------------------------------------------
 
@@ -327,7 +327,8 @@ def structure_of(response_format: Any, tools: Any, tool_choice: Any) -> Structur
     schema, model_class = response_schema(response_format)
     if tools is not None and (isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence)):
         raise InvalidRequestError("tools must be a list of tools")
-    tool_list = [_tool(i, t) for i, t in enumerate(tools or [])]
+    parsed = [_tool(i, t) for i, t in enumerate(tools or [])]
+    tool_list = [tool for tool, _ in parsed]
     names = [t["function"]["name"] for t in tool_list]
     if len(set(names)) != len(names):
         raise InvalidRequestError(f"tools have duplicate names: {names}")
@@ -344,7 +345,7 @@ def structure_of(response_format: Any, tools: Any, tool_choice: Any) -> Structur
             raise InvalidRequestError(f"tool_choice {choice!r} needs tools")
     else:
         raise InvalidRequestError(f"tool_choice must be auto, none, required or {{'type': 'function', 'function': {{'name'}}}}, got {choice!r}")
-    validators = {t["function"]["name"]: _validator(t["function"]["parameters"], "tool parameters") for t in tool_list}
+    validators = {tool["function"]["name"]: validator for tool, validator in parsed}
     if choice == "none" or not tool_list:
         if schema is None:
             return None

@@ -226,7 +226,7 @@ class LlamaCppBackend(ThreadedBackend):
                 n_gpu_layers=self._info["n_gpu_layers"], verbose=False,
             )
         emb = self._embedder
-        for i, text in enumerate(texts):
+        for text in texts:
             n = len(emb.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.spec.context_window:
                 raise ContextWindowExceededError(self.spec.name, n, self.spec.context_window)

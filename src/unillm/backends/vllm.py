@@ -325,12 +325,12 @@ class VLLMBackend(Backend):
 
     def _logprobs(self, o: Any, top_n: int) -> list[dict[str, Any]]:
         """vLLM's per-token logprobs of this delta in OpenAI's shape (the chosen token, then the top ones)."""
+        def item(tid: int, lp: Any) -> dict[str, Any]:
+            text = lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([tid])
+            return {"token": text, "logprob": float(lp.logprob), "bytes": list(text.encode("utf-8"))}
+
         out = []
         for token, entries in zip(o.token_ids, o.logprobs or []):
-            def item(tid: int, lp: Any) -> dict[str, Any]:
-                text = lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([tid])
-                return {"token": text, "logprob": float(lp.logprob), "bytes": list(text.encode("utf-8"))}
-
             top = sorted(((t, e) for t, e in entries.items() if e.rank is not None and e.rank >= 1), key=lambda te: te[1].rank)
             chosen = item(token, entries[token])
             chosen["top_logprobs"] = [item(t, e) for t, e in top[:top_n]]
