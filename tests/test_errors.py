@@ -185,3 +185,25 @@ def test_every_error_derives_from_the_root():
     errors = [getattr(unillm, n) for n in unillm.__all__ if n.endswith("Error")]
     assert len(errors) >= 10
     assert all(issubclass(e, UnillmError) for e in errors)
+
+
+def test_every_error_survives_pickling_with_its_message_and_fields():
+    """A Ray replica's error reaches the job's driver pickled; each class's __init__ takes other arguments."""
+    import pickle
+
+    import unillm.errors as errors
+
+    made = [
+        errors.ConfigError("bad", path="/x.yaml", key="models[0].source"),
+        errors.UnknownModelError("smol", ["smollm2"]),
+        errors.BackendNotInstalledError("vllm", "vllm", "vllm", model="m"),
+        errors.UnsupportedFeatureError("ollama", "logprobs"),
+        errors.ModelLoadError("m", "no file"),
+        errors.ContextWindowExceededError("m", 3000, 2048, 16),
+        errors.StructuredOutputError("m", "cut short", text='{"a": '),
+        errors.ModelUnloadedError("m"),
+        errors.InvalidRequestError("bad role"),
+    ]
+    for err in made:
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)

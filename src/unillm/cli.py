@@ -4,6 +4,8 @@
     unillm models                     the registry: name, backend, source, context, can it run here
     unillm batch IN.jsonl -o OUT.jsonl --model NAME [--template FILE] [--field text]
                                       a resumable batch job (re-run the same command to resume)
+    unillm batch ... --ray [ADDRESS] --replicas N
+                                      the same job on Ray replicas (a local instance, or a cluster)
     unillm serve [--port 11434]       the Ollama and OpenAI HTTP APIs over the registry, for other tools
     unillm doctor                     this machine: CPUs, memory, GPUs, backends, Ollama, what runs here
     unillm recommend --task code --users 20 [--stage production]
@@ -97,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_params(job)
     job.add_argument("--embed", action="store_true", help="write each record's embedding vector instead of an answer")
     job.add_argument("--no-progress", action="store_true")
+    ray = job.add_argument_group("Ray (pip install 'unillm[ray]')")
+    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="run the records on Ray replicas: alone, a Ray instance on this machine for the job; "
+                          "'auto' or host:port or ray://host:10001 joins that cluster")
+    ray.add_argument("--replicas", type=_positive, default=None, metavar="N", help="replicas, each with its own model (default 1)")
+    ray.add_argument("--ray-batch-size", type=_positive, default=None, metavar="N",
+                     help="records per Ray task (default: the model's slots)")
+    ray.add_argument("--replica-cpus", type=float, default=None, metavar="N", help="CPUs each replica asks Ray for")
+    ray.add_argument("--replica-gpus", type=float, default=None, metavar="N", help="GPUs each replica asks Ray for")
     _add_config(job)
 
     srv = sub.add_parser("serve", help="serve the registry over HTTP: the Ollama API and the OpenAI API")
@@ -224,10 +235,21 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from .jobs import run_job
 
     params = _params(args)
+    ray_only = {"--replicas": args.replicas, "--ray-batch-size": args.ray_batch_size,
+                "--replica-cpus": args.replica_cpus, "--replica-gpus": args.replica_gpus}
+    ray = None
+    if args.ray is not None:
+        from .cluster import RayConfig
+
+        ray = RayConfig(address=args.ray or None, replicas=args.replicas or 1, batch_size=args.ray_batch_size,
+                        cpus=args.replica_cpus, gpus=args.replica_gpus)
+    elif any(v is not None for v in ray_only.values()):
+        given = ", ".join(k for k, v in ray_only.items() if v is not None)
+        raise SystemExit(f"unillm batch: {given} only apply with --ray")
     with Engine(args.config) as engine:
         summary = run_job(
             engine, args.input, args.output, args.model, template=args.template, text_field=args.field,
-            retry_failed=args.retry_failed, progress=not args.no_progress, embed=args.embed, **params,
+            retry_failed=args.retry_failed, progress=not args.no_progress, embed=args.embed, ray=ray, **params,
         )
     print(summary, file=sys.stderr)
     for err in summary.errors[:20]:
@@ -251,6 +273,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(args.host, args.port, args.api_key or os.environ.get("UNILLM_API_KEY"), args.config, args.load,
           allow_hosts=args.allow_host, max_body_bytes=args.max_body, max_queue=args.max_queue, on_ready=ready)
     return 0
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return n
 
 
 def _port(value: str) -> int:

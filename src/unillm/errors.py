@@ -28,10 +28,23 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 class UnillmError(Exception):
     """Root of every unillm error."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross processes (a Ray replica's error reaches the job's driver): rebuild one from its message
+        # and attributes, whatever its class's __init__ takes.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[UnillmError], args: tuple[Any, ...], state: dict[str, Any]) -> UnillmError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 class ConfigError(UnillmError):

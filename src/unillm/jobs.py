@@ -19,11 +19,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .batch import BatchResult
 from .errors import ConfigError, InvalidRequestError, UnillmError
 from .types import EmbeddingResponse
+
+if TYPE_CHECKING:
+    from .cluster import RayConfig
 
 DEFAULT_TEMPLATE = "$text"
 
@@ -166,12 +169,19 @@ def run_job(
     retry_failed: bool = False,
     progress: bool = True,
     embed: bool = False,
+    ray: RayConfig | str | bool | None = None,
     **params: Any,
 ) -> JobSummary:
     """Run (or resume) a job with ``engine`` (an :class:`~unillm.Engine`). With ``embed``, each record's text
-    (the template filled in) gets its vector instead of an answer."""
+    (the template filled in) gets its vector instead of an answer.
+
+    ``ray`` runs the records on Ray replicas instead of ``engine`` (which then only supplies the registry):
+    ``True`` on a Ray instance started on this machine for the job, an address (``"auto"``,
+    ``"ray://host:10001"``) to join a cluster, or a :class:`unillm.cluster.RayConfig` (replicas, resources).
+    The output file and its resume rules are the same either way."""
     if embed and params:
         raise InvalidRequestError(f"an embedding job takes no chat parameters (got {sorted(params)})")
+    ray_config = _ray_config(ray)
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     done, repaired = read_done(output)
@@ -203,30 +213,70 @@ def run_job(
             unusable.append((rid, str(exc)))
 
     with open(output, "a", encoding="utf-8") as out:
+        written: set[str] = set()
 
-        def append(record: dict[str, Any]) -> None:
+        def emit(record: dict[str, Any]) -> None:
+            """Append and fsync one result, once per id and run, and count it."""
+            rid = str(record["id"])
+            if rid in written:  # Ray ran a task again after its replica died: the first answer stands
+                return
+            written.add(rid)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
+            if "error" in record:
+                summary.failed += 1
+                summary.errors.append(f"{rid}: {record['error']['message']}")
+            else:
+                summary.done += 1
+                summary.completion_tokens += record["usage"].get("completion_tokens", 0)
 
         for rid, problem in unusable:
-            append({"id": rid, "model": model, "error": {"type": "InvalidRequestError", "message": problem}})
-            summary.failed += 1
+            emit({"id": rid, "model": model, "error": {"type": "InvalidRequestError", "message": problem}})
 
         def write(res: BatchResult) -> None:
-            append(result_record(todo[res.index][0], model, res))
+            emit(result_record(todo[res.index][0], model, res))
 
         t0 = time.perf_counter()
-        if embed:
-            results = _embed_each(engine, model, [m for _, m in todo], write, progress)
-        else:
-            results = engine.batch(model, [m for _, m in todo], progress=progress, on_result=write, **params) if todo else []
+        if ray_config is not None:
+            _run_on_ray(engine, model, todo, params, embed, ray_config, emit, progress, summary)
+        elif embed:
+            _embed_each(engine, model, [m for _, m in todo], write, progress)
+        elif todo:
+            engine.batch(model, [m for _, m in todo], progress=progress, on_result=write, **params)
         summary.seconds = time.perf_counter() - t0
-    for res in results:
-        if res.response is not None:
-            summary.done += 1
-            summary.completion_tokens += res.response.usage.completion_tokens
-        else:
-            summary.failed += 1
-            summary.errors.append(f"{todo[res.index][0]}: {res.error}")
     return summary
+
+
+def _ray_config(ray: RayConfig | str | bool | None) -> RayConfig | None:
+    if ray is None or ray is False:
+        return None
+    from .cluster import RayConfig
+
+    if ray is True:
+        return RayConfig()
+    if isinstance(ray, str):
+        return RayConfig(address=ray)
+    if isinstance(ray, RayConfig):
+        return ray
+    raise InvalidRequestError(f"ray must be True, an address or a RayConfig (got {type(ray).__name__})")
+
+
+def _run_on_ray(
+    engine: Any, model: str, todo: list[tuple[str, Any]], params: dict[str, Any], embed: bool, config: RayConfig,
+    emit: Any, progress: bool, summary: JobSummary,
+) -> None:
+    from tqdm.auto import tqdm
+
+    from .cluster import ray_results, registry_closure
+
+    bar = tqdm(total=len(todo), desc=f"{model} on Ray", unit="doc", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for record in ray_results(registry_closure(engine.registry, model), model, todo, params, embed, config):
+            emit(record)
+            bar.update(1)
+            rate = summary.completion_tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{rate:.1f} tok/s, {summary.failed} failed", refresh=False)
+    finally:
+        bar.close()

@@ -49,6 +49,10 @@ class VLLMOptions(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     quantization: str | None = None
     tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    #: How vLLM starts its workers when a model spans GPUs: ``mp`` (processes on this machine), ``ray`` (Ray
+    #: workers, across machines), ``uni`` (one process); unset lets vLLM choose.
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
     enable_prefix_caching: bool | None = None
     enforce_eager: bool | None = None
     engine_args: dict[str, Any] = {}

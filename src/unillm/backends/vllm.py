@@ -8,7 +8,8 @@ Registry options (turned into ``AsyncEngineArgs`` by :func:`engine_args`): ``dty
 (each vLLM model's explicit share of the GPU: vLLM does not split it between engines itself),
 ``kv_cache_memory_bytes`` (required in effect on the CPU; default 256 MiB there), ``max_num_seqs``,
 ``quantization`` (``awq`` or unset lets vLLM detect the checkpoint's method and pick its Marlin kernels on a
-GPU), ``tensor_parallel_size``, ``enable_prefix_caching``, ``enforce_eager`` (default: on for the CPU, where
+GPU), ``tensor_parallel_size`` and ``pipeline_parallel_size`` (one model across GPUs),
+``distributed_executor_backend`` (``ray`` spans machines; see :mod:`unillm.cluster`), ``enable_prefix_caching``, ``enforce_eager`` (default: on for the CPU, where
 the compiled path starts slowly), ``engine_args`` (anything else, passed through).
 
 On the CPU, vLLM starts its engine processes with ``spawn``, which re-imports the calling script: a script
@@ -93,10 +94,13 @@ def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
         "max_model_len": spec.context_window,
         "max_num_seqs": o.max_num_seqs,
         "tensor_parallel_size": o.tensor_parallel_size,
+        "pipeline_parallel_size": o.pipeline_parallel_size,
         "quantization": quant,
         "enforce_eager": (not on_gpu) if o.enforce_eager is None else o.enforce_eager,
         "disable_log_stats": True,
     }
+    if o.distributed_executor_backend is not None:
+        kwargs["distributed_executor_backend"] = o.distributed_executor_backend
     if o.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = o.enable_prefix_caching
     if spec.task == "embed":  # vLLM's pooling runner; a generative checkpoint is converted to embed
