@@ -19,6 +19,11 @@ QUESTION = [
 GREEDY = {"temperature": 0.0, "seed": 0}
 
 
+def counts(usage) -> tuple[int, int]:
+    """A usage's token counts; ``cached_tokens`` depends on what ran before (prompt caching)."""
+    return usage.prompt_tokens, usage.completion_tokens
+
+
 @pytest.fixture(scope="session")
 def engine():
     """One engine for the session, with the embedded SmolLM2 GGUF loaded once."""

@@ -180,7 +180,7 @@ class _Core:
             model=spec.name,
             backend=spec.backend,
             choices=choices,
-            usage=Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens)),
+            usage=Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens), first.usage.cached_tokens),
             timings=Timings(load_s, first.ttft_s, time.perf_counter() - req.started, first.decode_tokens_per_s),
             requested_model=fallback.requested if fallback else None,
             fallback_reason=fallback.reason if fallback else None,

@@ -78,16 +78,20 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    #: Prompt tokens not evaluated again: their cache was kept from an earlier request with the same
+    #: beginning (llama.cpp's batched models, vLLM's prefix cache). OpenAI's ``prompt_tokens_details``.
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 

@@ -29,6 +29,7 @@ class TokenText:
     def __init__(self, request: Request, prompt_tokens: int, max_tokens: int, stops: list[str]) -> None:
         self.request = request
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0
         self.max_tokens = max_tokens
         self.stops = stops
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -103,7 +104,7 @@ class TokenText:
             self.text += self._decoder.decode(b"", final=True)
         ttft = None if self.first_at is None else self.first_at - self.request.started
         rate = decode_rate(self.n, self.first_at, time.perf_counter())
-        return Generation(self.text, self.finish, Usage(self.prompt_tokens, self.n), ttft, rate, self.logprobs)
+        return Generation(self.text, self.finish, Usage(self.prompt_tokens, self.n, self.cached_tokens), ttft, rate, self.logprobs)
 
     def last_piece(self, result: Generation) -> Piece:
         return Piece(result.text[self.sent :], result.finish_reason, result.usage, result.ttft_s, result.decode_tokens_per_s,

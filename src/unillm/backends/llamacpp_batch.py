@@ -54,6 +54,9 @@ class _Slot:
     pos: int = 0
     prompt_left: list[int] = field(default_factory=list)
     last_token: int = -1
+    #: The tokens whose keys and values are in this sequence's cache, in order (what a later request with
+    #: the same beginning can reuse).
+    cached: list[int] = field(default_factory=list)
 
 
 def unsupported_in_batch(extra: dict[str, Any]) -> str | None:
@@ -94,6 +97,10 @@ class Batcher:
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.jobs: queue.SimpleQueue[SeqJob | None] = queue.SimpleQueue()
         self.slots: list[_Slot | None] = [None] * n_seq
+        #: What each free sequence's cache still holds from its last request (prompt caching, as llama.cpp's
+        #: server does per slot): a new prompt goes to the free sequence that shares its longest beginning
+        #: (the chat template's system block, an earlier turn) and only the rest is evaluated.
+        self.kept: list[list[int]] = [[] for _ in range(n_seq)]
         self.waiting: list[SeqJob] = []
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"unillm-batch-{name}", daemon=True)
@@ -150,20 +157,39 @@ class Batcher:
             job.future.set_exception(ModelUnloadedError(self.name))
 
     def _admit(self) -> None:
-        for i, slot in enumerate(self.slots):
-            if slot is None and self.waiting:
-                job = self.waiting.pop(0)
-                try:
-                    if job.cancel.is_set():
-                        job.text.finish = "cancelled"
-                        self._resolve(job)
-                        continue
-                    sampler, grammar = self._sampler(job)
-                except Exception as exc:  # noqa: BLE001 - this request alone fails; the thread goes on
-                    if not job.future.done():
-                        job.future.set_exception(GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
+        while self.waiting and None in self.slots:
+            job = self.waiting.pop(0)
+            try:
+                if job.cancel.is_set():
+                    job.text.finish = "cancelled"
+                    self._resolve(job)
                     continue
-                self.slots[i] = _Slot(i, job, sampler, grammar, prompt_left=list(job.tokens))
+                sampler, grammar = self._sampler(job)
+            except Exception as exc:  # noqa: BLE001 - this request alone fails; the thread goes on
+                if not job.future.done():
+                    job.future.set_exception(GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
+                continue
+            seq, keep = self._reuse(job.tokens)
+            job.text.cached_tokens = keep
+            self.slots[seq] = _Slot(seq, job, sampler, grammar, pos=keep, prompt_left=job.tokens[keep:],
+                                    cached=job.tokens[:keep])
+
+    def _reuse(self, tokens: list[int]) -> tuple[int, int]:
+        """The free sequence whose cache shares the longest beginning with ``tokens``, and how many of its
+        cached tokens stay (at least the last prompt token is evaluated again: its logits pick the first token)."""
+        best, keep = -1, -1
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                continue
+            n = _common_prefix(self.kept[i], tokens)
+            if n > keep or (n == keep and len(self.kept[i]) < len(self.kept[best])):
+                best, keep = i, n
+        keep = min(keep, len(tokens) - 1)
+        if keep <= 0 or not llama_cpp.llama_memory_seq_rm(self.mem, best, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self.mem, best, -1, -1)
+            keep = 0
+        self.kept[best] = []
+        return best, keep
 
     def _sampler(self, job: SeqJob) -> tuple[Any, Any]:
         """The sampler chain of a sequence, and its grammar sampler (None without one)."""
@@ -233,6 +259,7 @@ class Batcher:
                 if not take:
                     continue
                 del slot.prompt_left[: len(take)]
+                slot.cached.extend(take)
                 for k, tok in enumerate(take):
                     last = k == len(take) - 1 and not slot.prompt_left
                     self._put(b, n, tok, slot.pos, slot.seq, last)
@@ -244,6 +271,7 @@ class Batcher:
                 if n >= self.n_batch:
                     continue
                 self._put(b, n, slot.last_token, slot.pos, slot.seq, True)
+                slot.cached.append(slot.last_token)
                 outputs.append((slot, n))
                 slot.pos += 1
                 n += 1
@@ -281,8 +309,12 @@ class Batcher:
         b.seq_id[i][0] = seq
         b.logits[i] = logits
 
-    def _release(self, slot: _Slot) -> None:
-        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+    def _release(self, slot: _Slot, keep_cache: bool = True) -> None:
+        if keep_cache:
+            self.kept[slot.seq] = slot.cached
+        else:  # after a failed decode the cache's contents are not known
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            self.kept[slot.seq] = []
         for sampler in (slot.sampler, slot.grammar):
             if sampler is not None:
                 llama_cpp.llama_sampler_free(sampler)
@@ -301,9 +333,17 @@ class Batcher:
         job.future.set_result(result)
 
     def _fail(self, slot: _Slot, exc: BaseException) -> None:
-        self._release(slot)
+        self._release(slot, keep_cache=False)
         if not slot.job.future.done():
             slot.job.future.set_exception(exc)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def check_batchable(name: str, extra: dict[str, Any]) -> None:

@@ -316,7 +316,7 @@ class VLLMBackend(Backend):
                         if lp:
                             lp = lp[:-1]
                     ttft = first_at - request.started if first_at else None
-                    yield Piece(o.text, finish, Usage(len(ids), n), ttft, decode_rate(n, first_at, time.perf_counter()), lp)
+                    yield Piece(o.text, finish, Usage(len(ids), n, out.num_cached_tokens or 0), ttft, decode_rate(n, first_at, time.perf_counter()), lp)
                     return
                 if o.text or lp:
                     yield Piece(o.text, logprobs=lp)
