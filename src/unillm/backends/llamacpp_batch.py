@@ -72,7 +72,7 @@ class Batcher:
 
     def __init__(
         self, llm: Any, name: str, n_seq: int, n_ctx_seq: int, n_threads: int, n_batch: int, flash_attn: bool = False,
-        kv_unified: bool = False,
+        kv_unified: bool = False, prompt_cache: bool = True,
     ) -> None:
         self.llm = llm
         self.name = name
@@ -101,6 +101,7 @@ class Batcher:
         #: server does per slot): a new prompt goes to the free sequence that shares its longest beginning
         #: (the chat template's system block, an earlier turn) and only the rest is evaluated.
         self.kept: list[list[int]] = [[] for _ in range(n_seq)]
+        self.prompt_cache = prompt_cache
         self.waiting: list[SeqJob] = []
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"unillm-batch-{name}", daemon=True)
@@ -181,7 +182,7 @@ class Batcher:
         for i, slot in enumerate(self.slots):
             if slot is not None:
                 continue
-            n = _common_prefix(self.kept[i], tokens)
+            n = _common_prefix(self.kept[i], tokens) if self.prompt_cache else 0
             if n > keep or (n == keep and len(self.kept[i]) < len(self.kept[best])):
                 best, keep = i, n
         keep = min(keep, len(tokens) - 1)
