@@ -296,3 +296,16 @@ def test_a_model_that_cannot_load_stops_the_job_with_its_error(write_config, tmp
     assert done.returncode != 0
     assert "missing-gguf" in done.stderr and "/nonexistent/model.gguf does not exist" in done.stderr
     assert not out.exists() or out.read_text() == ""  # nothing written: run again once the file is there
+
+
+def test_an_embedding_job_on_ray_equals_the_local_one(engine, tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_input(src, 4, bad=False)
+    local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    run_job(engine, src, local, "smollm2", embed=True, progress=False)
+    s = run_job(engine, src, on_ray, "smollm2", embed=True, progress=False, ray=RayConfig(replicas=2, batch_size=2))
+    assert (s.done, s.failed) == (4, 0)
+    want = {rid: r["embedding"] for rid, r in by_id(local).items()}
+    got = {rid: r["embedding"] for rid, r in by_id(on_ray).items()}
+    assert sorted(got) == sorted(want) and all(len(v) == 576 for v in got.values())
+    assert all(max(abs(a - b) for a, b in zip(got[k], want[k], strict=True)) < 1e-5 for k in want)
