@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from conftest import run_py
-from unillm import ConfigError
+from unillm import ConfigError, Engine
 from unillm.cluster import RayConfig, batch_size_for, replica_resources, replica_spec
 from unillm.jobs import run_job
 from unillm.registry import Registry, parse_file
@@ -309,3 +309,21 @@ def test_an_embedding_job_on_ray_equals_the_local_one(engine, tmp_path):
     got = {rid: r["embedding"] for rid, r in by_id(on_ray).items()}
     assert sorted(got) == sorted(want) and all(len(v) == 576 for v in got.values())
     assert all(max(abs(a - b) for a, b in zip(got[k], want[k], strict=True)) < 1e-5 for k in want)
+
+
+def test_replicas_use_fallbacks_as_the_driver_engine_does(write_config, tmp_path):
+    cfg = write_config("""models:
+  - name: missing-gguf
+    backend: llamacpp
+    source: {path: /nonexistent/model.gguf}
+    context_window: 2048
+    fallbacks: [smollm2]
+""")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, 2, bad=False)
+    with Engine(cfg, fallbacks=True) as eng:
+        s = run_job(eng, src, out, "missing-gguf", ray=True, progress=False, max_tokens=8, temperature=0.0)
+    assert (s.done, s.failed) == (2, 0)
+    recs = by_id(out)
+    assert all(r["model"] == "smollm2" and r["requested_model"] == "missing-gguf" for r in recs.values())
+    assert all("/nonexistent/model.gguf does not exist" in r["fallback_reason"] for r in recs.values())

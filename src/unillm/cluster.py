@@ -120,7 +120,9 @@ def replica_spec(spec: ModelSpec, cpus: float) -> ModelSpec:
 class Replica:
     """One Ray Data actor: an Engine with the job's model, answering a batch of records per call."""
 
-    def __init__(self, specs: list[ModelSpec], model: str, params: dict[str, Any], embed: bool) -> None:
+    def __init__(
+        self, specs: list[ModelSpec], model: str, params: dict[str, Any], embed: bool, fallbacks: bool,
+    ) -> None:
         import ray
 
         from .engine import Engine
@@ -128,7 +130,7 @@ class Replica:
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
         self.model, self.params, self.embed = model, params, embed
-        self.engine = Engine(registry=Registry(replica_spec(s, cpus) for s in specs), builtin=False)
+        self.engine = Engine(registry=Registry(replica_spec(s, cpus) for s in specs), fallbacks=fallbacks)
         self.load_error: UnillmError | None = None
         try:
             self.engine.load(model)  # now, while Ray starts the other replicas
@@ -197,9 +199,11 @@ def _quiet_ray_data() -> None:
 
 def ray_results(
     specs: list[ModelSpec], model: str, todo: list[tuple[str, Any]], params: dict[str, Any], embed: bool,
-    config: RayConfig,
+    config: RayConfig, fallbacks: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Run ``todo`` ((id, chat input) pairs) on Ray; yield each result record as the driver receives it.
+    ``specs`` are the model's entry and its fallbacks (``Registry.fallback_chain``), which the replicas use
+    as the driver's Engine would with ``fallbacks``.
 
     The Ray session this starts is shut down when the iterator ends or is closed."""
     if not todo:
@@ -224,7 +228,8 @@ def ray_results(
                 Replica,
                 batch_size=size,
                 batch_format="numpy",
-                fn_constructor_kwargs={"specs": specs, "model": model, "params": params, "embed": embed},
+                fn_constructor_kwargs={"specs": specs, "model": model, "params": params, "embed": embed,
+                                       "fallbacks": fallbacks},
                 # Two tasks run at once on a replica, so that its engine batches across them, and no more
                 # wait there: the first replica ready would otherwise take every task of a small job.
                 compute=ActorPoolStrategy(size=min(config.replicas, blocks), max_concurrent_calls_per_actor=2,
@@ -268,14 +273,3 @@ def _job_error(model: str, exc: BaseException) -> UnillmError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return UnillmError(f"the Ray job for model {model!r} stopped: {first}")
 
-
-def registry_closure(registry: Any, model: str) -> list[ModelSpec]:
-    """The entries a replica needs: the model first, then its fallbacks (and theirs)."""
-    out: list[ModelSpec] = []
-    stack = [registry.get(model).name]
-    while stack:
-        spec = registry.get(stack.pop(0))
-        if all(s.name != spec.name for s in out):
-            out.append(spec)
-            stack.extend(spec.fallbacks)
-    return out

@@ -115,17 +115,11 @@ class _Core:
                 raise
             first = exc
         reasons = [f"{spec.name}: {first}"]
-        tried, queue = {spec.name}, list(spec.fallbacks)
-        while queue:
-            candidate = self.registry.get(queue.pop(0))
-            if candidate.name in tried:
-                continue
-            tried.add(candidate.name)
+        for candidate in self.registry.fallback_chain(spec.name)[1:]:
             try:
                 backend, load_s = await self.backend_for(candidate)
             except _CANNOT_RUN as exc:
                 reasons.append(f"{candidate.name}: {exc}")
-                queue.extend(candidate.fallbacks)
                 continue
             return candidate, backend, load_s, _Fallback(spec.name, "; ".join(reasons))
         first.args = (f"{first} No fallback runs either: " + "; ".join(reasons[1:]),)
@@ -524,6 +518,11 @@ class Engine:
     async def aunload(self, model: str) -> bool:
         self._check_open()
         return await self._loop.run_async(self._core.unload(model))
+
+    @property
+    def fallbacks(self) -> bool:
+        """Whether a call for a model that cannot run here goes to its registry ``fallbacks``."""
+        return self._core.fallbacks
 
     def loaded(self) -> list[str]:
         """Names of the models loaded now."""

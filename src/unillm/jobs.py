@@ -268,12 +268,13 @@ def _run_on_ray(
 ) -> None:
     from tqdm.auto import tqdm
 
-    from .cluster import ray_results, registry_closure
+    from .cluster import ray_results
 
     bar = tqdm(total=len(todo), desc=f"{model} on Ray", unit="doc", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for record in ray_results(registry_closure(engine.registry, model), model, todo, params, embed, config):
+        specs = engine.registry.fallback_chain(model)
+        for record in ray_results(specs, model, todo, params, embed, config, engine.fallbacks):
             emit(record)
             bar.update(1)
             rate = summary.completion_tokens / max(time.perf_counter() - t0, 1e-9)

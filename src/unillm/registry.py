@@ -287,6 +287,18 @@ class Registry:
         except KeyError:
             raise UnknownModelError(name, self.suggest(name)) from None
 
+    def fallback_chain(self, name: str) -> list[ModelSpec]:
+        """The entry for ``name``, then its fallbacks breadth first (theirs after them), each once: the order in
+        which an Engine with fallbacks on tries them."""
+        first = self.get(name)
+        chain, queue = [first], list(first.fallbacks)
+        while queue:
+            spec = self.get(queue.pop(0))
+            if all(s.name != spec.name for s in chain):
+                chain.append(spec)
+                queue.extend(spec.fallbacks)
+        return chain
+
     def suggest(self, name: str, n: int = 3) -> list[str]:
         lowered = {k.lower(): k for k in self._names}
         close = difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)
