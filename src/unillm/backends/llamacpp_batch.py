@@ -51,12 +51,8 @@ class _Slot:
     sampler: Any
     #: A grammar (JSON schema, GBNF) kept out of the chain: checked on the chain's pick, applied only if it fails.
     grammar: Any = None
-    pos: int = 0
     prompt_left: list[int] = field(default_factory=list)
     last_token: int = -1
-    #: The tokens whose keys and values are in this sequence's cache, in order (what a later request with
-    #: the same beginning can reuse).
-    cached: list[int] = field(default_factory=list)
 
 
 def unsupported_in_batch(extra: dict[str, Any]) -> str | None:
@@ -97,10 +93,11 @@ class Batcher:
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.jobs: queue.SimpleQueue[SeqJob | None] = queue.SimpleQueue()
         self.slots: list[_Slot | None] = [None] * n_seq
-        #: What each free sequence's cache still holds from its last request (prompt caching, as llama.cpp's
-        #: server does per slot): a new prompt goes to the free sequence that shares its longest beginning
-        #: (the chat template's system block, an earlier turn) and only the rest is evaluated.
-        self.kept: list[list[int]] = [[] for _ in range(n_seq)]
+        #: The tokens in each sequence's cache, in position order: the next token's position is the length.
+        #: A sequence keeps them when its request ends (prompt caching, as llama.cpp's server does per slot): a
+        #: new prompt goes to the free sequence that shares its longest beginning (the chat template's system
+        #: block, an earlier turn) and only the rest is evaluated.
+        self.cached: list[list[int]] = [[] for _ in range(n_seq)]
         self.prompt_cache = prompt_cache
         self.waiting: list[SeqJob] = []
         self._closing = False
@@ -172,24 +169,20 @@ class Batcher:
                 continue
             seq, keep = self._reuse(job.tokens)
             job.text.cached_tokens = keep
-            self.slots[seq] = _Slot(seq, job, sampler, grammar, pos=keep, prompt_left=job.tokens[keep:],
-                                    cached=job.tokens[:keep])
+            self.slots[seq] = _Slot(seq, job, sampler, grammar, prompt_left=job.tokens[keep:])
 
     def _reuse(self, tokens: list[int]) -> tuple[int, int]:
-        """The free sequence whose cache shares the longest beginning with ``tokens``, and how many of its
-        cached tokens stay (at least the last prompt token is evaluated again: its logits pick the first token)."""
-        best, keep = -1, -1
-        for i, slot in enumerate(self.slots):
-            if slot is not None:
-                continue
-            n = _common_prefix(self.kept[i], tokens) if self.prompt_cache else 0
-            if n > keep or (n == keep and len(self.kept[i]) < len(self.kept[best])):
-                best, keep = i, n
-        keep = min(keep, len(tokens) - 1)
+        """The free sequence whose cache shares the longest beginning with ``tokens`` (of equals, the one
+        holding least, so that longer caches stay for later), and how many of its cached tokens stay: at least
+        the last prompt token is evaluated again, as its logits pick the first token."""
+        shared = {i: _common_prefix(self.cached[i], tokens) if self.prompt_cache else 0
+                  for i, slot in enumerate(self.slots) if slot is None}
+        best = max(shared, key=lambda i: (shared[i], -len(self.cached[i])))
+        keep = min(shared[best], len(tokens) - 1)
         if keep <= 0 or not llama_cpp.llama_memory_seq_rm(self.mem, best, keep, -1):
             llama_cpp.llama_memory_seq_rm(self.mem, best, -1, -1)
             keep = 0
-        self.kept[best] = []
+        del self.cached[best][keep:]
         return best, keep
 
     def _sampler(self, job: SeqJob) -> tuple[Any, Any]:
@@ -260,21 +253,21 @@ class Batcher:
                 if not take:
                     continue
                 del slot.prompt_left[: len(take)]
-                slot.cached.extend(take)
+                cached = self.cached[slot.seq]
                 for k, tok in enumerate(take):
                     last = k == len(take) - 1 and not slot.prompt_left
-                    self._put(b, n, tok, slot.pos, slot.seq, last)
+                    self._put(b, n, tok, len(cached), slot.seq, last)
+                    cached.append(tok)
                     if last:
                         outputs.append((slot, n))
-                    slot.pos += 1
                     n += 1
             else:
                 if n >= self.n_batch:
                     continue
-                self._put(b, n, slot.last_token, slot.pos, slot.seq, True)
-                slot.cached.append(slot.last_token)
+                cached = self.cached[slot.seq]
+                self._put(b, n, slot.last_token, len(cached), slot.seq, True)
+                cached.append(slot.last_token)
                 outputs.append((slot, n))
-                slot.pos += 1
                 n += 1
         if n == 0:
             return
@@ -311,11 +304,9 @@ class Batcher:
         b.logits[i] = logits
 
     def _release(self, slot: _Slot, keep_cache: bool = True) -> None:
-        if keep_cache:
-            self.kept[slot.seq] = slot.cached
-        else:  # after a failed decode the cache's contents are not known
+        if not keep_cache:  # after a failed decode the cache's contents are not known
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-            self.kept[slot.seq] = []
+            self.cached[slot.seq].clear()
         for sampler in (slot.sampler, slot.grammar):
             if sampler is not None:
                 llama_cpp.llama_sampler_free(sampler)
