@@ -282,13 +282,17 @@ def test_unknown_executor_backend_is_a_registry_error(write_config):
         parse_file(write_config(bad))
 
 
-def test_a_model_that_cannot_load_stops_the_job_with_its_error(write_config, tmp_path):
-    cfg = write_config("""models:
+#: A registry entry whose file is not there.
+MISSING = """models:
   - name: missing-gguf
     backend: llamacpp
     source: {path: /nonexistent/model.gguf}
     context_window: 2048
-""")
+"""
+
+
+def test_a_model_that_cannot_load_stops_the_job_with_its_error(write_config, tmp_path):
+    cfg = write_config(MISSING)
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, 3, bad=False)
     done = subprocess.run([sys.executable, "-m", "unillm", "batch", str(src), "-o", str(out), "-m", "missing-gguf",
@@ -312,13 +316,7 @@ def test_an_embedding_job_on_ray_equals_the_local_one(engine, tmp_path):
 
 
 def test_replicas_use_fallbacks_as_the_driver_engine_does(write_config, tmp_path):
-    cfg = write_config("""models:
-  - name: missing-gguf
-    backend: llamacpp
-    source: {path: /nonexistent/model.gguf}
-    context_window: 2048
-    fallbacks: [smollm2]
-""")
+    cfg = write_config(MISSING + "    fallbacks: [smollm2]\n")
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, 2, bad=False)
     with Engine(cfg, fallbacks=True) as eng:

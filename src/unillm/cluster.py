@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, UnillmError
-from .options import LlamaCppOptions, VLLMOptions, parse_options
+from .options import HFOptions, LlamaCppOptions, VLLMOptions, parse_options
 
 if TYPE_CHECKING:
     from .registry import ModelSpec
@@ -94,7 +94,7 @@ def replica_resources(spec: ModelSpec, cluster_has_gpus: bool, config: RayConfig
         if cluster_has_gpus and v.distributed_executor_backend != "ray":
             gpus = float(v.tensor_parallel_size * v.pipeline_parallel_size)
     elif spec.backend == "hf":
-        gpus = 1.0 if cluster_has_gpus and spec.options.get("device", "auto") != "cpu" else 0.0
+        gpus = 1.0 if cluster_has_gpus and parse_options(HFOptions, spec).device != "cpu" else 0.0
     return {"num_cpus": config.cpus if config.cpus is not None else cpus,
             "num_gpus": config.gpus if config.gpus is not None else gpus}
 
