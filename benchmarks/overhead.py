@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import PROMPTS, direct_llama, med
+from _common import PROMPTS, direct_llama, med, smollm2_weights
 
 from unillm import Engine
 
@@ -76,7 +76,7 @@ def main() -> None:
     calls = len(u_times)
     u_rate, d_rate = u_tok / sum(u_times), d_tok / sum(d_times)
     added_ms = (med(u_times) - med(d_times)) * 1000
-    print(f"{calls} calls each, {args.tokens} new tokens max, greedy, SmolLM2-135M Q4_1")
+    print(f"{calls} calls each, {args.tokens} new tokens max, greedy, SmolLM2-135M, {Path(smollm2_weights()).name}")
     print(f"{'':28}{'unillm':>12}{'llama_cpp direct':>20}")
     print(f"{'completion tokens':28}{u_tok:>12}{d_tok:>20}")
     print(f"{'tokens/s (aggregate)':28}{u_rate:>12.1f}{d_rate:>20.1f}")

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts src/ on the path)
+from _common import smollm2_weights  # (importing _common puts src/ on the path)
 
 from unillm import Engine
 from unillm.cluster import RayConfig
@@ -127,7 +127,7 @@ def main() -> None:
         if args.vllm:
             compare_vllm(src, Path(d), args.tokens)
     base = results["local (1 process)"]
-    print(f"{args.docs} documents, {args.tokens} new tokens each (greedy), SmolLM2-135M Q4_1, {cpus} CPUs")
+    print(f"{args.docs} documents, {args.tokens} new tokens each (greedy), SmolLM2-135M, {Path(smollm2_weights()).name}, {cpus} CPUs")
     print(f"{'run':<26} {'total s':>8} {'start-up s':>11} {'records/s':>10} {'tok/s':>8} {'vs local':>9} {'overhead/record':>16}")
     for name, r in results.items():
         per = r["per_record_s"] - base["per_record_s"]

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import direct_llama
+from _common import direct_llama, smollm2_weights
 
 from unillm import Engine, Registry, StructuredOutputError
 
@@ -106,7 +106,7 @@ def llamacpp(rounds: int) -> None:
                 batch_rates[label] = (rate(n, time.perf_counter() - t), sum(not x.ok for x in res))
     llm.close()
     r = {k: rate(*v) for k, v in totals.items()}  # type: ignore[arg-type]
-    print(f"\nllama.cpp (SmolLM2-135M Q4_1, one sequence, greedy, {rounds} x {len(CITIES)} prompts, <= {TOKENS} tokens)")
+    print(f"\nllama.cpp (SmolLM2-135M, {Path(smollm2_weights()).name}, one sequence, greedy, {rounds} x {len(CITIES)} prompts, <= {TOKENS} tokens)")
     row("", "unillm", "llama-cpp-python direct")
     row("tokens/s with the schema", f"{r['unillm schema']:.1f}", f"{r['direct schema']:.1f}")
     row("tokens/s free text", f"{r['unillm free']:.1f}", f"{r['direct free']:.1f}")
