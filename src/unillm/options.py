@@ -43,8 +43,8 @@ class LlamaCppOptions(BaseModel):
     #: How ``Engine.embed`` pools the token vectors of a text.
     pooling: Literal["mean", "cls", "last"] = "mean"
     #: The weights the CPU runs when no layer is offloaded: ``file`` (as stored) or ``q8_0``, a Q8_0 copy made
-    #: once into the cache (``$UNILLM_CACHE/gguf``). llama.cpp's Q4_1/Q5_x CPU kernels gain little from
-    #: batching; Q8_0's gain far more (benchmarks/decode_ceiling.py). A file already Q8_0 runs as it is.
+    #: once into the cache (``$UNILLM_CACHE/gguf``). llama.cpp's Q4_1 CPU kernels gain little from batching,
+    #: Q8_0's far more (measured: benchmarks/decode_ceiling.py). A file already Q8_0 runs as it is.
     cpu_weights: Literal["file", "q8_0"] = "file"
 
 
