@@ -25,18 +25,14 @@ def smollm2_path() -> str:
 
 
 def smollm2_weights() -> str:
-    """The GGUF unillm's ``smollm2`` entry runs here: on the CPU the Q8_0 copy its ``options.cpu_weights``
-    asks for (made once into the cache), on a GPU the shipped file. Baselines use it: the same weights."""
-    import llama_cpp
-
-    from unillm.backends.llamacpp import cpu_weights
+    """The GGUF unillm's ``smollm2`` entry runs here (the backend's own choice: on the CPU the Q8_0 copy its
+    ``options.cpu_weights`` asks for, made once into the cache). Baselines use it: the same weights."""
+    from unillm.backends.llamacpp import gpu_layers, weights_file
     from unillm.options import LlamaCppOptions, parse_options
 
     spec = Registry.load().get("smollm2")
     o = parse_options(LlamaCppOptions, spec)
-    if o.cpu_weights == "file" or llama_cpp.llama_supports_gpu_offload():
-        return smollm2_path()
-    return cpu_weights(spec.name, smollm2_path(), o.cpu_weights)[0]
+    return weights_file(spec.name, smollm2_path(), o, gpu_layers(o))[0]
 
 
 def direct_llama(n_ctx: int = 2048, path: str | None = None, threads: int | None = None, flash_attn: bool = False):

@@ -27,6 +27,7 @@ from pathlib import Path
 from _common import direct_llama, smollm2_path, smollm2_weights
 
 from unillm import Engine
+from unillm.backends.llamacpp import file_type, ftype_name
 from unillm.system import cpu_count
 
 TOPICS = ["a lighthouse keeper", "a river town", "a mountain railway", "an old library", "a desert market",
@@ -83,7 +84,7 @@ def main() -> None:
              (f"loop, shipped Q4_1 file, {every} threads", shipped, every, False),
              (f"loop, shipped Q4_1 file, {every} threads, flash attention", shipped, every, True)]
     if weights != shipped:
-        kind = Path(weights).suffixes[-2][1:].upper()
+        kind = ftype_name(file_type(weights))
         loops += [(f"loop, unillm's {kind} weights, {every} threads", weights, every, False),
                   (f"loop, unillm's {kind} weights, {every} threads, flash attention", weights, every, True)]
 

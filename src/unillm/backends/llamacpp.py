@@ -146,17 +146,33 @@ def ftype_name(ftype: int) -> str:
     return name.decode() if name else "unknown type"
 
 
-def cpu_weights(name: str, path: str, target: str) -> tuple[str, str]:
-    """The file to load for ``options.cpu_weights: target``, and what it holds. A copy is requantized once
-    with llama.cpp's own quantizer into ``$UNILLM_CACHE/gguf``, named after the source's path, size and
-    modification time, and written under a temporary name that is renamed when complete."""
+def gpu_layers(o: LlamaCppOptions) -> int:
+    """The layers a model offloads: ``n_gpu_layers``, where ``auto`` is all of them when this build can."""
+    if o.n_gpu_layers == "auto":
+        return -1 if gpu_offload_supported() else 0
+    return o.n_gpu_layers
+
+
+def weights_file(name: str, path: str, o: LlamaCppOptions, n_gpu_layers: int) -> tuple[str, str | None]:
+    """The GGUF to load for a model whose file is ``path``, and what a copy holds (None: the file itself).
+    ``options.cpu_weights`` applies where no layer is offloaded."""
+    if o.cpu_weights == "file" or n_gpu_layers != 0:
+        return path, None
+    return cpu_weights(name, path, o.cpu_weights)
+
+
+def cpu_weights(name: str, path: str, target: str) -> tuple[str, str | None]:
+    """The file to load for ``options.cpu_weights: target``, and what it holds (None: the file, already of
+    that type). A copy is requantized once with llama.cpp's own quantizer into ``$UNILLM_CACHE/gguf``, named
+    after the source's path, size and modification time, and written under a temporary name that is renamed
+    when complete."""
     try:
         source = file_type(path)
     except ValueError as exc:
         raise ModelLoadError(name, str(exc)) from exc
     want = _FTYPES[target]
     if source == want:
-        return path, f"{ftype_name(source)}, as in the file"
+        return path, None
     described = f"{ftype_name(want)} copy of the file's {ftype_name(source)} (options.cpu_weights)"
     st = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -231,16 +247,12 @@ class LlamaCppBackend(ThreadedBackend):
 
     def _load_sync(self, path: str) -> None:
         o = self.options
-        offload = gpu_offload_supported()
-        n_gpu_layers = (-1 if offload else 0) if o.n_gpu_layers == "auto" else o.n_gpu_layers
+        n_gpu_layers = gpu_layers(o)
         # A batching context serves many sequences at once, as batch jobs that own the machine do: all
         # CPUs. One sequence at a time: half of them (two spinning threads on two CPUs stall, see README).
         threads = o.n_threads or (cpu_count() if o.parallel > 1 else default_threads())
         file = path
-        if o.cpu_weights != "file" and n_gpu_layers == 0:
-            path, weights = cpu_weights(self.spec.name, path, o.cpu_weights)
-        else:
-            weights = None
+        path, weights = weights_file(self.spec.name, file, o, n_gpu_layers)
         try:
             llm = llama_cpp.Llama(
                 model_path=path,
@@ -288,7 +300,7 @@ class LlamaCppBackend(ThreadedBackend):
             "n_ctx": llm.n_ctx(),
             "n_ctx_train": llm.n_ctx_train() if hasattr(llm, "n_ctx_train") else None,
             "n_gpu_layers": n_gpu_layers,
-            "gpu_offload_supported": offload,
+            "gpu_offload_supported": gpu_offload_supported(),
             "n_threads": threads,
             "llama_cpp_python": llama_cpp.__version__,
         }
