@@ -66,7 +66,11 @@ def test_layering_order(tmp_path, monkeypatch, write_config):
     monkeypatch.chdir(project)
     assert Registry.load().get("smollm2").context_window == 111  # user file over the shipped one
     (project / "unillm.yaml").write_text(entry.format(ctx=222))
-    assert Registry.load().get("smollm2").context_window == 222  # project file over the user's
+    reg = Registry.load()  # an untrusted project file may not replace an entry of the user's or the shipped one
+    assert reg.get("smollm2").context_window == 111
+    assert "would replace 'smollm2'" in str(reg.problems["smollm2"]) and "unillm trust" in str(reg.problems["smollm2"])
+    monkeypatch.setenv("UNILLM_TRUST_PROJECT", "1")
+    assert Registry.load().get("smollm2").context_window == 222  # a trusted project file over the user's
     env_file = write_config(entry.format(ctx=333), "env.yaml")
     monkeypatch.setenv("UNILLM_CONFIG", str(env_file))
     assert Registry.load().get("smollm2").context_window == 333  # UNILLM_CONFIG over the project's

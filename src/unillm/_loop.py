@@ -12,6 +12,8 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
+from .errors import EngineClosedError
+
 T = TypeVar("T")
 
 
@@ -21,6 +23,7 @@ class LoopThread:
     def __init__(self, name: str = "unillm-loop") -> None:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -42,6 +45,9 @@ class LoopThread:
         return threading.current_thread() is self._thread
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if not self.running or self._stopping:
+            coro.close()
+            raise EngineClosedError("the Engine was closed (its loop has stopped)")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -72,7 +78,7 @@ class LoopThread:
                     return
         finally:
             if self.running:
-                self.run(agen.aclose())
+                self.run(_aclose(agen))
 
     async def aiterate(self, agen: AsyncGenerator[T, None]) -> AsyncIterator[T]:
         """Drive an async iterator living on the owned loop from another loop."""
@@ -84,12 +90,28 @@ class LoopThread:
                     return
         finally:
             if self.running:
-                await self.run_async(agen.aclose())
+                await self.run_async(_aclose(agen))
 
     def stop(self) -> None:
+        self._stopping = True
         if self.loop.is_closed():
             return
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             if not self.in_loop_thread():
                 self._thread.join()
+
+
+async def _aclose(agen: AsyncGenerator[Any, None]) -> None:
+    """Close an async generator whose last step may still be running: a caller interrupted (Ctrl-C) while it
+    waited for a step cancels that step, which ends on the loop a moment later; closing before then raised
+    "aclose(): asynchronous generator is already running"."""
+    for _ in range(500):  # 5 s at most; a cancelled step ends at its next await
+        try:
+            await agen.aclose()
+            return
+        except RuntimeError as exc:
+            if "already running" not in str(exc):
+                raise
+            await asyncio.sleep(0.01)
+    await agen.aclose()

@@ -97,8 +97,14 @@ async def run_batch(
             await loop.run_in_executor(callbacks, on_result, res)
         return res
 
+    tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
     try:
-        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        return list(await asyncio.gather(*tasks))
+    except BaseException:  # on_result failed (a job cannot keep its output) or the caller gave up: stop them all
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     finally:
         bar.close()
         if callbacks is not None:

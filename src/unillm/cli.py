@@ -10,6 +10,7 @@
     unillm doctor                     this machine: CPUs, memory, GPUs, backends, Ollama, what runs here
     unillm recommend --task code --users 20 [--stage production]
                                       the model guide's pick, applied to this machine
+    unillm trust [unillm.yaml]        trust this project's registry file as it is now (see unillm.registry)
 
 Example:
     $ unillm chat smollm2 "What is the capital of France?" --temperature 0
@@ -120,7 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body", type=int, default=16 * 2**20, metavar="BYTES", help="largest request body (default 16 MiB)")
     srv.add_argument("--max-queue", type=int, default=256, metavar="N",
                      help="generation requests in flight before new ones get 503 (default 256)")
+    srv.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="time a client has to send its whole request body before a 408 (default 30)")
     _add_config(srv)
+
+    tr = sub.add_parser("trust", help="trust this project's unillm.yaml as it is now (its entries may then use "
+                                      "any backend, engine_args and paths)")
+    tr.add_argument("file", nargs="?", default="unillm.yaml", help="the project file (default ./unillm.yaml)")
 
     conv = sub.add_parser("convert", help="make the safetensors folder of a GGUF model (for vLLM and transformers)")
     conv.add_argument("model", help="a registry model whose source is a GGUF (e.g. smollm2)")
@@ -221,6 +228,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    for name, problem in registry.problems.items():
+        print(f"{name}: refused: {problem}")
     for r in rows:
         if "loaded" in r:
             facts = r["loaded"]
@@ -271,7 +280,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               "(Ollama API under /api, OpenAI API under /v1)", flush=True)
 
     serve(args.host, args.port, args.api_key or os.environ.get("UNILLM_API_KEY"), args.config, args.load,
-          allow_hosts=args.allow_host, max_body_bytes=args.max_body, max_queue=args.max_queue, on_ready=ready)
+          allow_hosts=args.allow_host, max_body_bytes=args.max_body, max_queue=args.max_queue,
+          body_timeout=args.body_timeout, on_ready=ready)
     return 0
 
 
@@ -293,6 +303,19 @@ def _port(value: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
     return port
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .registry import trust
+
+    p = Path(args.file)
+    if not p.is_file():
+        raise SystemExit(f"unillm trust: {p} is not a file")
+    record = trust(p)
+    print(f"trusted {p.resolve()} as it is now (recorded in {record}); after an edit, run unillm trust again")
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -341,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     handler = {
         "chat": _cmd_chat, "models": _cmd_models, "batch": _cmd_batch, "serve": _cmd_serve, "convert": _cmd_convert,
+        "trust": _cmd_trust,
         "doctor": _cmd_doctor, "recommend": _cmd_recommend,
     }[args.command]
     try:

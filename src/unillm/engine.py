@@ -29,7 +29,7 @@ from typing_extensions import Unpack
 
 from .backends import backend_class
 from .batch import BatchResult, run_batch
-from .backends.base import Backend, Generation, Piece, Request, new_request_id
+from .backends.base import Backend, Generation, Piece, Request, abandoned_loads, new_request_id
 from .errors import (
     BackendNotInstalledError,
     BackendUnavailableError,
@@ -266,7 +266,7 @@ class _Core:
         task.add_done_callback(self._closing.discard)
         exc.args = (f"{exc} {reason}: the model was unloaded and loads again on the next call.",)
 
-    async def embed(self, model: str, texts: str | Sequence[str]) -> EmbeddingResponse:
+    async def embed(self, model: str, texts: str | Sequence[str], truncate: bool = False) -> EmbeddingResponse:
         items = [texts] if isinstance(texts, str) else texts
         if not isinstance(items, Sequence) or not items or not all(isinstance(t, str) and t for t in items):
             raise InvalidRequestError("input must be a non-empty string or a non-empty list of non-empty strings")
@@ -278,7 +278,7 @@ class _Core:
         spec, backend, _, _ = await self.serving(model)
         try:
             with self._errors(spec, backend):
-                vectors, tokens = await backend.embed(list(items))
+                vectors, tokens = await backend.embed(list(items), truncate)
         except UnillmError:
             self.outcomes["error"] += 1
             raise
@@ -298,6 +298,7 @@ class _Core:
     async def aclose(self) -> None:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        await abandoned_loads()
         while self.backends:
             _, backend = self.backends.popitem()
             await backend.aclose()
@@ -371,6 +372,8 @@ class Engine:
         self._core = _Core(self.registry, fallbacks)
         self._loop = LoopThread()
         self._closed = False
+        #: The process that owns the models and the loop thread; a forked child has neither.
+        self._pid = os.getpid()
         # A process that ends without close() still frees its models (vLLM's engine processes above all).
         self._atexit = _close_at_exit(weakref.ref(self))
         atexit.register(self._atexit)
@@ -476,11 +479,12 @@ class Engine:
 
     # -- embeddings ---------------------------------------------------------------------------------
 
-    def embed(self, model: str, texts: str | Sequence[str]) -> EmbeddingResponse:
+    def embed(self, model: str, texts: str | Sequence[str], *, truncate: bool = False) -> EmbeddingResponse:
         """One L2-normalized vector per text, in order (``r.data[i].embedding``, ``r.vectors``), with usage.
 
         GGUF models pool their token vectors (mean by default, ``options.pooling``), transformers mean-pools
-        the last hidden states, Ollama answers through its ``/api/embed``.
+        the last hidden states, Ollama answers through its ``/api/embed``. A text longer than the context window
+        is a ContextWindowExceededError; with ``truncate=True`` its first context-window tokens are embedded.
 
         Example:
             >>> from unillm import Engine
@@ -489,12 +493,12 @@ class Engine:
             ...     len(r.vectors), r.usage.prompt_tokens
         """
         self._check_open()
-        return self._loop.run(self._core.embed(model, texts))
+        return self._loop.run(self._core.embed(model, texts, truncate))
 
-    async def aembed(self, model: str, texts: str | Sequence[str]) -> EmbeddingResponse:
+    async def aembed(self, model: str, texts: str | Sequence[str], *, truncate: bool = False) -> EmbeddingResponse:
         """The async twin of :meth:`embed`."""
         self._check_open()
-        return await self._loop.run_async(self._core.embed(model, texts))
+        return await self._loop.run_async(self._core.embed(model, texts, truncate))
 
     # -- models -------------------------------------------------------------------------------------
 
@@ -542,13 +546,25 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("this Engine is closed; create a new one")
+        if self._forked():
+            raise EngineClosedError(
+                f"this Engine was created in process {self._pid}; a forked child (process {os.getpid()}) has none "
+                "of its models or threads: create an Engine in the child (or start children with the 'spawn' "
+                "method: multiprocessing.set_start_method('spawn'))"
+            )
+
+    def _forked(self) -> bool:
+        return os.getpid() != self._pid
 
     def close(self) -> None:
-        """Unload every model and stop the engine's thread. Idempotent."""
+        """Unload every model and stop the engine's thread. Idempotent. In a forked child it only marks the
+        engine closed: the models and the thread belong to the parent."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self._atexit)
+        if self._forked():
+            return
         try:
             self._loop.run(self._core.aclose())
         finally:
@@ -560,6 +576,8 @@ class Engine:
             return
         self._closed = True
         atexit.unregister(self._atexit)
+        if self._forked():
+            return
         try:
             await self._loop.run_async(self._core.aclose())
         finally:

@@ -14,7 +14,9 @@ Every error unillm raises derives from :class:`UnillmError`, so one ``except`` c
     ├── GenerationError              the backend failed while generating
     │   ├── StructuredOutputError        the answer does not match the schema or tool (or was cut short)
     │   └── ModelUnloadedError           the model was unloaded (or the engine closed) mid-request
-    └── EngineClosedError            the Engine was used after close()
+    ├── EngineClosedError            the Engine was used after close() (or in a forked child)
+    └── JobError                     a batch job's output cannot be used or kept (locked by another job,
+                                     the input itself, removed mid-job, the disk full)
 
 Errors are raised for one request and never poison the engine: after any of them except
 :class:`EngineClosedError`, the next request is served normally.
@@ -113,7 +115,8 @@ class ContextWindowExceededError(InvalidRequestError):
     """The prompt, or the prompt plus the requested max_tokens, does not fit the context window."""
 
     def __init__(
-        self, model: str, prompt_tokens: int, context_window: int, max_tokens: int | None = None
+        self, model: str, prompt_tokens: int, context_window: int, max_tokens: int | None = None,
+        *, embedding: bool = False,
     ) -> None:
         self.model = model
         self.prompt_tokens = prompt_tokens
@@ -126,9 +129,13 @@ class ContextWindowExceededError(InvalidRequestError):
                 f"the prompt has {prompt_tokens} tokens and max_tokens={max_tokens} asks for "
                 f"{prompt_tokens + max_tokens} in all"
             )
+        if embedding:
+            detail, advice = f"a text to embed has {prompt_tokens} tokens", "Shorten it, or ask for truncate=True"
+        else:
+            advice = "Shorten the messages or lower max_tokens"
         super().__init__(
             f"Model {model!r} has a context window of {context_window} tokens, but {detail}. "
-            "Shorten the messages or lower max_tokens; unillm never truncates silently."
+            f"{advice}; unillm never truncates silently."
         )
 
 
@@ -163,3 +170,9 @@ class ModelUnloadedError(GenerationError):
 
 class EngineClosedError(UnillmError):
     """The Engine was used after ``close()``."""
+
+
+class JobError(UnillmError):
+    """A batch job cannot use or keep its output: another job holds it, it is the input, it is not a regular
+    file, it was removed or replaced while the job ran, or writing it failed (a full disk). What the job wrote
+    before stays, and running the job again resumes it."""

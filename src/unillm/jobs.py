@@ -6,12 +6,18 @@ answer, usage and timings, or the error. Running the same job again skips the id
 ``kill -9`` at any moment loses nothing written and duplicates nothing; a torn last line (the process died
 mid-write) is cut off and its record done again.
 
+The output is locked while a job writes it (a second job on it is refused, with the first one's PID), must be
+a regular file that is not the input, and is checked after every record: a file removed or replaced while the
+job runs, or a write that fails (a full disk), stops the job with :class:`~unillm.errors.JobError` instead of
+reporting records it could not keep. Ids are told apart by their JSON value: ``1`` and ``"1"`` are two records.
+
 Example:
     $ unillm batch docs.jsonl -o summaries.jsonl --model smollm2 --template summarise.txt
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import string
@@ -22,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .batch import BatchResult
-from .errors import ConfigError, InvalidRequestError, UnillmError
+from .errors import ConfigError, InvalidRequestError, JobError, UnillmError
 from .types import EmbeddingResponse
 
 if TYPE_CHECKING:
@@ -57,28 +63,49 @@ class JobSummary:
         )
 
 
+def id_key(rid: Any) -> str:
+    """The key that tells record ids apart: their JSON text (``1`` and ``"1"``, ``null`` and ``"None"`` differ)."""
+    return json.dumps(rid, sort_keys=True)
+
+
 def read_done(output: Path) -> tuple[dict[str, bool], bool]:
-    """Ids already in the output (id -> succeeded), repairing a torn last line. Returns (ids, repaired)."""
+    """Ids already in the output (id key -> succeeded), repairing a torn last line. Returns (ids, repaired).
+
+    Nothing is changed in a file that is not a job's output: every complete line must be a result record, and
+    an unterminated last line is cut only when it is the start of one (``{"id": ...``, as records are written).
+    """
     if not output.exists():
         return {}, False
     data = output.read_bytes()
-    repaired = False
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(output, "r+b") as f:
-            f.truncate(cut)
-            os.fsync(f.fileno())
-        data, repaired = data[:cut], True
+    lines = data.split(b"\n")
+    last = lines.pop()  # b"" when the file ends with a newline
     done: dict[str, bool] = {}
-    for n, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
+
+    def record(n: int, line: bytes) -> None:
         try:
             rec = json.loads(line)
-            done[str(rec["id"])] = "error" not in rec
+            done[id_key(rec["id"])] = "error" not in rec
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"line {n} is not a result record ({exc}); is this the right output file?", path=str(output)) from exc
-    return done, repaired
+
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            record(n, line)
+    if not last:
+        return done, False
+    try:
+        record(len(lines) + 1, last)  # complete, only its newline missing
+        with open(output, "ab") as f:
+            f.write(b"\n")
+            os.fsync(f.fileno())
+        return done, True
+    except ConfigError:
+        if not last.startswith(b'{"id": '):
+            raise
+    with open(output, "r+b") as f:
+        f.truncate(len(data) - len(last))
+        os.fsync(f.fileno())
+    return done, True
 
 
 def load_template(path: str | os.PathLike[str] | None) -> string.Template:
@@ -140,10 +167,16 @@ def result_record(rid: str, model: str, res: BatchResult) -> dict[str, Any]:
     return {"id": rid, "model": model, "error": {"type": type(res.error).__name__, "message": str(res.error)}}
 
 
-def read_records(lines: Iterable[str]) -> list[tuple[int, dict[str, Any] | None, str | None]]:
+def read_records(lines: Iterable[bytes | str]) -> list[tuple[int, dict[str, Any] | None, str | None]]:
     """(line number, record, problem) for each non-empty input line."""
     out: list[tuple[int, dict[str, Any] | None, str | None]] = []
     for n, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                out.append((n, None, f"line {n} is not UTF-8 text (byte {exc.start})"))
+                continue
         if not line.strip():
             continue
         try:
@@ -156,6 +189,92 @@ def read_records(lines: Iterable[str]) -> list[tuple[int, dict[str, Any] | None,
             continue
         out.append((n, rec, None))
     return out
+
+
+class _Output:
+    """A job's output file: locked for the job, appended and fsynced a record at a time, and checked after each
+    record to be still the file at its path (see the module docstring)."""
+
+    def __init__(self, path: Path, input_path: Path) -> None:
+        self.path = path
+        if path.exists() and not path.is_file():
+            raise JobError(f"the output {path} is not a regular file: a job reads its output back to resume, "
+                           "so write to a file (then cat it)")
+        if path.exists() and input_path.exists() and os.path.samefile(path, input_path):
+            raise JobError(f"the output {path} is the input file: give another -o")
+        created = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "ab")
+        try:
+            self._lock()
+            if created:  # the new name is durable too, not only the bytes written under it
+                dir_fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except BaseException:
+            self.file.close()
+            raise
+        st = os.fstat(self.file.fileno())
+        self.identity = (st.st_dev, st.st_ino)
+        self.written = 0
+        #: Once the output could not be kept, every later record is refused with the same error (records already
+        #: queued behind the failed one must not be written after the gap).
+        self.broken: JobError | None = None
+
+    def _lock(self) -> None:
+        import fcntl
+
+        pid_file = self.path.with_name(f".{self.path.name}.lock")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = pid_file.read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise JobError(f"another job (PID {holder}) is writing {self.path}; wait for it, or give another -o") from None
+        with contextlib.suppress(OSError):
+            pid_file.write_text(f"{os.getpid()}\n")
+        self.pid_file = pid_file
+
+    def append(self, line: str) -> None:
+        if self.broken is not None:
+            raise self.broken
+        start = os.fstat(self.file.fileno()).st_size  # tell() of an append-mode file can be stale
+        try:
+            self.file.write(line.encode("utf-8") + b"\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # no torn line left behind
+                self.file.truncate(start)
+                os.fsync(self.file.fileno())
+            self.broken = JobError(f"writing {self.path} failed after {self.written} records of this run "
+                                   f"({exc.strerror or exc}); what was written stays: fix it and run the job again to resume")
+            raise self.broken from exc
+        self.check()
+        self.written += 1
+
+    def check(self) -> None:
+        """JobError when the path no longer names the file this job writes (removed, or replaced)."""
+        st = os.fstat(self.file.fileno())
+        try:
+            now = os.stat(self.path)
+            same = (now.st_dev, now.st_ino) == self.identity
+        except OSError:
+            same = False
+        if st.st_nlink == 0 or not same:
+            self.broken = JobError(f"{self.path} was removed or replaced while the job ran: the {self.written + 1} "
+                                   "records this run wrote are not there; run the job again to redo them")
+            raise self.broken
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if getattr(self, "pid_file", None) is not None:
+                self.pid_file.unlink()
+        self.file.close()
 
 
 def run_job(
@@ -183,68 +302,83 @@ def run_job(
         raise InvalidRequestError(f"an embedding job takes no chat parameters (got {sorted(params)})")
     ray_config = _ray_config(ray)
     output = Path(output_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    done, repaired = read_done(output)
     tmpl = load_template(template)
-    summary = JobSummary(repaired_torn_line=repaired)
+    with open(input_path, "rb") as f:
+        records = read_records(f)
+    out = _Output(output, Path(input_path))
+    try:
+        return _run(engine, out, records, tmpl, model, text_field, retry_failed, progress, embed, ray_config, params)
+    finally:
+        out.close()
+
+
+def _run(
+    engine: Any, out: _Output, records: list[tuple[int, dict[str, Any] | None, str | None]], tmpl: string.Template,
+    model: str, text_field: str, retry_failed: bool, progress: bool, embed: bool, ray_config: RayConfig | None,
+    params: dict[str, Any],
+) -> JobSummary:
+    done, repaired = read_done(out.path)  # under the lock
+    summary = JobSummary(repaired_torn_line=repaired, total=len(records))
     todo: list[tuple[str, list[dict[str, str]] | str]] = []
     unusable: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    with open(input_path, encoding="utf-8") as f:
-        records = read_records(f)
-    summary.total = len(records)
+    ids: dict[str, Any] = {}  # id key -> the record's own id
     for _, rec, problem in records:
         if rec is None:
             summary.invalid += 1
             summary.errors.append(str(problem))
             continue
-        rid = str(rec["id"])
-        if rid in seen:
+        key = id_key(rec["id"])
+        if key in ids:
             summary.invalid += 1
-            summary.errors.append(f"id {rid!r} appears twice in the input; the second is ignored")
+            summary.errors.append(f"id {key} appears twice in the input; the second is ignored")
             continue
-        seen.add(rid)
-        if rid in done and (done[rid] or not retry_failed):
+        ids[key] = rec["id"]
+        if key in done and (done[key] or not retry_failed):
             summary.skipped += 1
             continue
         try:
-            todo.append((rid, to_messages(rec, tmpl, text_field)))
+            todo.append((key, to_messages(rec, tmpl, text_field)))
         except InvalidRequestError as exc:
-            unusable.append((rid, str(exc)))
+            unusable.append((key, str(exc)))
 
-    with open(output, "a", encoding="utf-8") as out:
-        written: set[str] = set()
+    written: set[str] = set()
 
-        def emit(record: dict[str, Any]) -> None:
-            """Append and fsync one result, once per id and run, and count it."""
-            rid = str(record["id"])
-            if rid in written:  # Ray ran a task again after its replica died: the first answer stands
-                return
-            written.add(rid)
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            if "error" in record:
-                summary.failed += 1
-                summary.errors.append(f"{rid}: {record['error']['message']}")
-            else:
-                summary.done += 1
-                summary.completion_tokens += record["usage"].get("completion_tokens", 0)
+    def emit(record: dict[str, Any]) -> None:
+        """Append and fsync one result (its id is the key, replaced here by the record's own id), once per id
+        and run, and count it."""
+        key = record["id"]
+        if key in written:  # Ray ran a task again after its replica died: the first answer stands
+            return
+        record = {**record, "id": ids[key]}
+        line = json.dumps(record, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (an id, an echoed text): JSON's escapes keep it valid
+            line = json.dumps(record)
+        out.append(line)
+        written.add(key)
+        if "error" in record:
+            summary.failed += 1
+            summary.errors.append(f"{key}: {record['error']['message']}")
+        else:
+            summary.done += 1
+            summary.completion_tokens += record["usage"].get("completion_tokens", 0)
 
-        for rid, problem in unusable:
-            emit({"id": rid, "model": model, "error": {"type": "InvalidRequestError", "message": problem}})
+    for key, problem in unusable:
+        emit({"id": key, "model": model, "error": {"type": "InvalidRequestError", "message": problem}})
 
-        def write(res: BatchResult) -> None:
-            emit(result_record(todo[res.index][0], model, res))
+    def write(res: BatchResult) -> None:
+        emit(result_record(todo[res.index][0], model, res))
 
-        t0 = time.perf_counter()
-        if ray_config is not None:
-            _run_on_ray(engine, model, todo, params, embed, ray_config, emit, progress, summary)
-        elif embed:
-            _embed_each(engine, model, [m for _, m in todo], write, progress)
-        elif todo:
-            engine.batch(model, [m for _, m in todo], progress=progress, on_result=write, **params)
-        summary.seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if ray_config is not None:
+        _run_on_ray(engine, model, todo, params, embed, ray_config, emit, progress, summary)
+    elif embed:
+        _embed_each(engine, model, [m for _, m in todo], write, progress)
+    elif todo:
+        engine.batch(model, [m for _, m in todo], progress=progress, on_result=write, **params)
+    summary.seconds = time.perf_counter() - t0
+    out.check()  # the records counted are on disk
     return summary
 
 

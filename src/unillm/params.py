@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union, get_type_hints
 
 from .errors import ContextWindowExceededError, InvalidRequestError
+from .limits import limit, over
 from .types import Message
 
 from typing_extensions import TypedDict
@@ -57,7 +58,12 @@ def _max_tokens(name: str, v: Any) -> int:
 def _stop(name: str, v: Any) -> list[str]:
     stop = [v] if isinstance(v, str) else v
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-        raise InvalidRequestError(f"{name} must be a non-empty string or a list of them, got {v!r}")
+        raise InvalidRequestError(f"{name} must be a non-empty string or a list of them, got {v!r:.200}")
+    if len(stop) > limit("stop_count"):
+        raise InvalidRequestError(over("stop_count", f"{name} has {len(stop)} strings"))
+    longest = max(stop, key=len)
+    if len(longest) > limit("stop_chars"):
+        raise InvalidRequestError(over("stop_chars", f"{name} {longest[:40]!r}... has {len(longest)} characters"))
     return list(stop)
 
 

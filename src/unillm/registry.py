@@ -8,7 +8,15 @@ Files are layered, later ones replacing earlier entries of the same name:
 4. each path in ``UNILLM_CONFIG`` (separated by ``os.pathsep``),
 5. the paths given to ``Engine(config=...)``.
 
-A typo is an error that names the file and the key, never a silent default.
+A typo is an error that names the file and the key, never a silent default. In the files found by
+themselves (2 and 3) a bad entry disables that entry only: using it raises its error, the others run.
+
+The project file is read from whatever directory the process runs in, a cloned repository's too, so until
+the user trusts it (``unillm trust``, which records its path and digest; ``UNILLM_TRUST_PROJECT=1``; or naming
+it explicitly with ``--config``/``UNILLM_CONFIG``) its entries may not choose code or reach outside the
+project: no third-party backend (an import path), no ``options.engine_args`` (vLLM's
+``trust_remote_code``, worker classes), no Ollama ``host`` or ``store``, no ``path`` outside the project's
+folder, and no replacing an entry of the shipped or the user's registry. Such an entry is refused by name.
 
 Example:
     >>> from unillm.registry import Registry
@@ -163,37 +171,145 @@ def _format_loc(loc: Sequence[int | str], data: Any) -> str:
     return out
 
 
-def parse_file(path: str | os.PathLike[str]) -> list[ModelSpec]:
-    """Parse one registry file; raises :class:`ConfigError` naming the file and the key."""
-    p = Path(path)
+def _read_yaml(p: Path) -> Any:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror or exc}", path=str(p)) from exc
     try:
-        data = yaml.safe_load(text) or {}
+        return yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", path=str(p)) from exc
+
+
+def _config_error(exc: ValidationError, data: Any, p: Path, prefix: Sequence[int | str] = ()) -> ConfigError:
+    """The first problem of a validation error, naming the file and key (a misspelled key shows as "unknown
+    key" and as "required": name the unknown one, with the missing one it probably means)."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = (*prefix, *err["loc"])
+    key = _format_loc(loc, data)
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    if err["type"] == "extra_forbidden":
+        missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == err["loc"][:-1]]
+        close = difflib.get_close_matches(str(err["loc"][-1]), missing, n=1)
+        if close:
+            msg += f" (did you mean {close[0]!r}, which is required?)"
+    others = [f"{_format_loc((*prefix, *e['loc']), data)}: {e['msg']}" for e in errors if e is not err]
+    more = f" (also: {'; '.join(others[:3])}{'...' if len(others) > 3 else ''})" if others else ""
+    return ConfigError(msg + more, path=str(p), key=key)
+
+
+def parse_file(path: str | os.PathLike[str]) -> list[ModelSpec]:
+    """Parse one registry file; raises :class:`ConfigError` naming the file and the key."""
+    p = Path(path)
+    data = _read_yaml(p)
     try:
         parsed = _RegistryFile.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        # A misspelled key shows as "unknown key" and as "required": name the unknown one, with the
-        # missing one it probably means.
-        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        key = _format_loc(err["loc"], data)
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        if err["type"] == "extra_forbidden":
-            missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == err["loc"][:-1]]
-            close = difflib.get_close_matches(str(err["loc"][-1]), missing, n=1)
-            if close:
-                msg += f" (did you mean {close[0]!r}, which is required?)"
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise ConfigError(msg + more, path=str(p), key=key) from exc
+        raise _config_error(exc, data, p) from exc
     for spec in parsed.models:
         spec._config_file = str(p)
         check_options(spec)
     return parsed.models
+
+
+def parse_entries(path: str | os.PathLike[str]) -> tuple[list[ModelSpec], dict[str, ConfigError]]:
+    """Parse one registry file entry by entry: (the good entries, each bad entry's error by its name). A file
+    that cannot be read or is not a registry at all raises :class:`ConfigError`."""
+    p = Path(path)
+    data = _read_yaml(p)
+    models = data.get("models", []) if isinstance(data, dict) else None
+    if not isinstance(models, list) or (isinstance(data, dict) and data.get("version", 1) != 1):
+        return parse_file(p), {}  # not a registry file: its error says why
+    unknown = set(data) - {"version", "models"}
+    if unknown:
+        raise ConfigError("unknown key", path=str(p), key=sorted(unknown)[0])
+    specs, problems = [], {}
+    for i, entry in enumerate(models):
+        name = str(entry.get("name")) if isinstance(entry, dict) and entry.get("name") else f"models[{i}]"
+        try:
+            try:
+                spec = ModelSpec.model_validate(entry)
+            except ValidationError as exc:
+                raise _config_error(exc, data, p, ("models", i)) from exc
+            spec._config_file = str(p)
+            check_options(spec)
+        except ConfigError as exc:
+            problems[name] = exc
+            continue
+        specs.append(spec)
+    return specs, problems
+
+
+# -- trusting a project file --------------------------------------------------------------------------
+
+
+def trust_file() -> Path:
+    """Where ``unillm trust`` records the project files the user trusts (path -> sha256)."""
+    return user_config_file().with_name("trusted.json")
+
+
+def _digest(p: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def is_trusted(p: Path) -> bool:
+    """Whether the user trusts this project file as it is now (``UNILLM_TRUST_PROJECT=1``, or ``unillm trust``
+    recorded this path with this content: an edit needs trusting again, as direnv does)."""
+    if os.environ.get("UNILLM_TRUST_PROJECT", "").lower() in ("1", "true", "yes"):
+        return True
+    import json
+
+    try:
+        trusted = json.loads(trust_file().read_text(encoding="utf-8"))
+        return bool(trusted.get(str(p.resolve())) == _digest(p))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def trust(p: Path) -> Path:
+    """Record that the user trusts project file ``p`` as it is now; returns the record's path."""
+    import json
+
+    record = trust_file()
+    try:
+        trusted = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        trusted = {}
+    trusted[str(p.resolve())] = _digest(p)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(trusted, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, record)
+    return record
+
+
+def untrusted_problem(spec: ModelSpec, folder: Path, earlier: dict[str, ModelSpec]) -> str | None:
+    """Why an entry of an untrusted project file is refused (None: it may run), see the module docstring."""
+    from .backends import BACKENDS
+
+    if spec.backend not in BACKENDS:
+        return f"backend {spec.backend!r} is not built in (a third-party backend is code to import)"
+    if spec.options.get("engine_args"):
+        return "options.engine_args can turn on remote code and name classes to import"
+    for key in ("host", "store"):
+        if spec.options.get(key):
+            return f"options.{key} sends the model's work outside the project"
+    for key in ("path",):
+        value = getattr(spec.source, key)
+        if value:
+            target = Path(os.path.expandvars(os.path.expanduser(value)))
+            target = (folder / target if not target.is_absolute() else target).resolve()
+            if not target.is_relative_to(folder.resolve()):
+                return f"source.path {value!r} points outside the project's folder {folder}"
+    for name in (spec.name, *spec.aliases):
+        if name in earlier or any(name in s.aliases for s in earlier.values()):
+            owner = earlier.get(name) or next(s for s in earlier.values() if name in s.aliases)
+            return f"it would replace {owner.name!r} of {owner.config_file}"
+    return None
 
 
 def builtin_config_dir() -> Path:
@@ -210,10 +326,14 @@ def user_config_file() -> Path:
     return Path(base) / "unillm" / "models.yaml"
 
 
+def project_config_file() -> Path:
+    return Path.cwd() / "unillm.yaml"
+
+
 def default_config_paths() -> list[Path]:
     """The layered files that exist, in the order they apply (see the module docstring)."""
     paths = sorted(builtin_config_dir().glob("*.yaml"))
-    for p in (user_config_file(), Path.cwd() / "unillm.yaml"):
+    for p in (user_config_file(), project_config_file()):
         if p.is_file():
             paths.append(p)
     env = os.environ.get("UNILLM_CONFIG")
@@ -225,7 +345,9 @@ def default_config_paths() -> list[Path]:
 class Registry:
     """Model entries by name, with aliases and "did you mean" suggestions."""
 
-    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+    def __init__(self, specs: Iterable[ModelSpec] = (), problems: dict[str, ConfigError] | None = None) -> None:
+        #: Entries of the files found by themselves that were refused, by name: using one raises its error.
+        self.problems: dict[str, ConfigError] = dict(problems or {})
         self._specs: dict[str, ModelSpec] = {}
         for spec in specs:
             self._specs[spec.name] = spec
@@ -257,13 +379,33 @@ class Registry:
     ) -> Registry:
         """Load the layered registry, then the explicit ``config`` path(s) on top."""
         paths = default_config_paths() if builtin else []
-        if config is not None:
-            paths.extend(Path(p) for p in ([config] if isinstance(config, (str, os.PathLike)) else config))
+        explicit = [Path(p) for p in ([config] if isinstance(config, (str, os.PathLike)) else config)] if config is not None else []
+        found_alone = {user_config_file(), project_config_file()}
         specs: dict[str, ModelSpec] = {}
-        for path in paths:
-            for spec in parse_file(path):
+        problems: dict[str, ConfigError] = {}
+        for path in paths + explicit:
+            if path not in found_alone or path in explicit:
+                for spec in parse_file(path):
+                    specs[spec.name] = spec
+                    problems.pop(spec.name, None)
+                continue
+            try:
+                entries, bad = parse_entries(path)
+            except ConfigError as exc:
+                problems[f"<{path}>"] = exc
+                continue
+            problems.update(bad)
+            guarded = path == project_config_file() and not is_trusted(path)
+            for spec in entries:
+                why = untrusted_problem(spec, path.parent, specs) if guarded else None
+                if why is not None:
+                    problems[spec.name] = ConfigError(
+                        f"model {spec.name!r} of the project file is refused: {why}. If you trust this project, run "
+                        "`unillm trust` in it (or set UNILLM_TRUST_PROJECT=1, or pass the file with --config)",
+                        path=str(path), key=f"models ({spec.name})")
+                    continue
                 specs[spec.name] = spec
-        return cls(specs.values())
+        return cls(specs.values(), problems)
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -285,6 +427,8 @@ class Registry:
         try:
             return self._specs[self._names[key]]  # Ollama's clients add ":latest" to a name without a tag
         except KeyError:
+            if key in self.problems:
+                raise self.problems[key] from None
             raise UnknownModelError(name, self.suggest(name)) from None
 
     def fallback_chain(self, name: str) -> list[ModelSpec]:

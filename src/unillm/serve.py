@@ -127,7 +127,13 @@ def _typed(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise InvalidRequestError(f"{field}: {msg}") from None
 
 
+class _BodyTimeout(InvalidRequestError):
+    """The client did not send its whole body in time (HTTP 408)."""
+
+
 def _status(exc: UnillmError) -> int:
+    if isinstance(exc, _BodyTimeout):
+        return 408
     if isinstance(exc, UnknownModelError):
         return 404
     if isinstance(exc, (InvalidRequestError, UnsupportedFeatureError)):
@@ -149,6 +155,8 @@ def _ollama_params(body: dict[str, Any]) -> dict[str, Any]:
     opts = dict(body.get("options") or {})
     params: dict[str, Any] = {dst: opts.pop(src) for src, dst in _OLLAMA_OPTIONS.items() if src in opts}
     opts.pop("num_ctx", None)  # the registry's context window rules
+    if "mirostat" in opts:  # Ollama's name for llama.cpp's mirostat_mode (0: off, 1, 2)
+        opts["mirostat_mode"] = opts.pop("mirostat")
     for name in _OLLAMA_SPEED_ONLY:  # where and how fast it runs, not what it answers (set in the registry)
         opts.pop(name, None)
     mt = params.get("max_tokens")
@@ -230,19 +238,24 @@ def _ollama_final(r: ChatCompletion | ChatCompletionChunk, key: str, content: st
 def create_app(
     engine: Engine, api_key: str | None = None, *, bind_host: str = "127.0.0.1", bind_port: int = 11434,
     allow_hosts: list[str] | None = None, max_body_bytes: int = 16 * 2**20, max_queue: int = 256,
+    body_timeout: float = 30.0,
 ) -> Starlette:
     """The ASGI app over ``engine`` (the caller owns the engine and closes it).
 
     ``bind_host``/``bind_port`` are where it listens (for the Host check and to refuse proxying an Ollama
     model into itself); ``allow_hosts`` adds names it answers to; bodies over ``max_body_bytes`` are a 413;
-    beyond ``max_queue`` generation requests in flight, a 503 with ``Retry-After``."""
+    beyond ``max_queue`` generation requests in flight, a 503 with ``Retry-After``; a body that has not arrived
+    whole within ``body_timeout`` seconds, a 408."""
 
     def error(exc: UnillmError, openai: bool) -> JSONResponse:
         status = _status(exc)
         return JSONResponse(error_body(str(exc), status, openai, type(exc).__name__), status_code=status)
 
     async def body_of(request: Request) -> dict[str, Any]:
-        raw = await request.body()
+        try:
+            raw = await asyncio.wait_for(request.body(), body_timeout)
+        except asyncio.TimeoutError:
+            raise _BodyTimeout(f"the request body did not arrive within {body_timeout:g} s (--body-timeout)") from None
         try:
             data = json.loads(raw)
         except ValueError as exc:
@@ -251,6 +264,11 @@ def create_app(
             raise InvalidRequestError("the request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise InvalidRequestError("the request body must be a JSON object")
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no model can read or write
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(f"the request body has text that is not valid Unicode (a lone surrogate: "
+                                      f"{exc.object[max(exc.start - 20, 0):exc.start]!r} then \\u{ord(exc.object[exc.start]):04x})") from None
         return data
 
     def check_not_self(model: str) -> None:
@@ -272,13 +290,19 @@ def create_app(
 
     async def admitted(request: Request, work: Callable[[], Awaitable[Response]], openai: bool) -> Response:
         """Run a generation endpoint within the queue bound (503 + Retry-After beyond it); a non-streaming
-        request whose client disconnects is cancelled."""
+        request whose client disconnects is cancelled. The body is read before the request takes its place
+        (a client that sends half a body holds none) and before anything listens for the disconnect."""
         nonlocal busy
+        try:
+            await body_of(request)  # cached by starlette for the handler
+        except UnillmError as exc:
+            return error(exc, openai)
         if busy >= max_queue:
             full = error(BackendUnavailableError(f"{busy} requests are queued, the limit (--max-queue) is {max_queue}"), openai)
             full.headers["Retry-After"] = "1"
             return full
         busy += 1
+        held = True
         try:
             task = asyncio.ensure_future(work())
             gone = asyncio.ensure_future(_disconnected(request))
@@ -290,14 +314,13 @@ def create_app(
                 return Response(status_code=499)
             gone.cancel()
             resp = task.result()
-        except BaseException:
-            busy -= 1
-            raise
-        if isinstance(resp, StreamingResponse):  # the stream holds its place until it ends
-            resp.background = BackgroundTask(release)
-        else:
-            busy -= 1
-        return resp
+            if isinstance(resp, StreamingResponse):  # the stream holds its place until it ends
+                resp.background = BackgroundTask(release)
+                held = False
+            return resp
+        finally:
+            if held:
+                busy -= 1
 
     async def release() -> None:
         nonlocal busy
@@ -415,7 +438,7 @@ def create_app(
     async def api_ps(request: Request) -> Response:
         return JSONResponse({"models": [{**model_entry(n), "expires_at": _now(), "size_vram": 0} for n in engine.loaded()]})
 
-    async def embeddings(body: dict[str, Any], text_key: str, allowed: set[str]) -> EmbeddingResponse:
+    async def embeddings(body: dict[str, Any], text_key: str, allowed: set[str], truncate: bool = False) -> EmbeddingResponse:
         """The embeddings an /api/embed, /api/embeddings or /v1/embeddings body asks for."""
         unknown = set(body) - allowed
         if unknown:
@@ -425,7 +448,7 @@ def create_app(
         model: Any = body.get("model")
         texts: Any = body.get(text_key)
         check_not_self(model)  # Registry.get refuses a name that is not a string
-        return await engine.aembed(model, texts)  # the engine checks the input's type
+        return await engine.aembed(model, texts, truncate=truncate)  # the engine checks the input's type
 
     async def v1_embeddings(request: Request) -> Response:
         try:
@@ -449,7 +472,11 @@ def create_app(
             if legacy:
                 r = await embeddings(body, "prompt", {"model", "prompt", "options", "keep_alive"})
             else:
-                r = await embeddings(body, "input", {"model", "input", "truncate", "options", "keep_alive", "dimensions"})
+                truncate = body.get("truncate", True)  # Ollama's default: cut a long input to the context window
+                if not isinstance(truncate, bool):
+                    raise InvalidRequestError(f"truncate must be true or false, got {truncate!r}")
+                r = await embeddings(body, "input", {"model", "input", "truncate", "options", "keep_alive", "dimensions"},
+                                     truncate)
         except UnillmError as exc:
             return error(exc, openai=False)
         if legacy:

@@ -10,8 +10,9 @@ In order, before any route sees a request:
 - **Content-Type** of a POST must not be one a web page can send without a CORS preflight as a JSON
   carrier (``text/plain``, ``multipart/form-data``): 415.
 - **API key** (``Authorization: Bearer KEY``) compared with :func:`secrets.compare_digest`: 401.
-- **Body size**: over ``max_body_bytes`` is 413, from ``Content-Length`` before anything is read, or while
-  reading a body sent without one.
+- **Body size**: over ``max_body_bytes`` is 413, from ``Content-Length`` before the app sees it, or while
+  reading a body sent without one. The body is read and discarded first (up to ``DRAIN_BYTES``, for at most
+  ``DRAIN_SECONDS``), so that the client, still sending, reads the 413 instead of a reset connection.
 
 Example:
     >>> guard = Guard(lambda scope, receive, send: None, bind_host="127.0.0.1", bind_port=11434)
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -36,6 +38,9 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 WILDCARDS = ("0.0.0.0", "::", "")
 #: Content types a web page can POST cross-origin without a preflight, that could carry a JSON body.
 SIMPLE_TYPES = ("text/plain", "multipart/form-data")
+#: How much of a refused body is read (and thrown away) before the 413, and for how long at most.
+DRAIN_BYTES = 64 * 2**20
+DRAIN_SECONDS = 10.0
 
 
 class BodyTooLarge(Exception):
@@ -92,6 +97,8 @@ class Guard:
                 return
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            if length.isdigit():
+                await _drain(receive, int(length))
             await _refuse(send, 413, f"the request body is over the limit of {self.max_body} bytes (--max-body)", api)
             return
         seen = 0
@@ -116,6 +123,7 @@ class Guard:
             await self.app(scope, counted, tracked)
         except BodyTooLarge:
             if not started:
+                await _drain(receive, DRAIN_BYTES)
                 await _refuse(send, 413, f"the request body is over the limit of {self.max_body} bytes (--max-body)", api)
 
 
@@ -123,6 +131,25 @@ def error_body(message: str, status: int, openai: bool, kind: str = "invalid_req
     """An error in the shape of the API asked: OpenAI's ``{"error": {"message", "type", "code"}}`` or Ollama's
     ``{"error": message}``."""
     return {"error": {"message": message, "type": kind, "code": status}} if openai else {"error": message}
+
+
+async def _drain(receive: Receive, length: int) -> None:
+    """Read and discard up to ``min(length, DRAIN_BYTES)`` bytes of a body, for at most ``DRAIN_SECONDS``."""
+
+    async def read() -> None:
+        seen = 0
+        while seen < min(length, DRAIN_BYTES):
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            seen += len(msg.get("body", b""))
+            if not msg.get("more_body"):
+                return
+
+    try:
+        await asyncio.wait_for(read(), DRAIN_SECONDS)
+    except asyncio.TimeoutError:
+        pass
 
 
 async def _refuse(send: Send, status: int, message: str, api: str, kind: str = "invalid_request_error") -> None:

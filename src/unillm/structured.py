@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidRequestError, StructuredOutputError
+from .limits import limit, over
 from .types import FunctionCall, Message, ToolCall
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -55,20 +56,139 @@ TOOLS_PROMPT = (
 def _validator(schema: Mapping[str, Any], what: str) -> Any:
     import jsonschema
 
+    check_bounds(schema, what)
     try:
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise InvalidRequestError(f"{what} is not a valid JSON schema: {exc.message}") from exc
-    return cls(schema)
+    return _bounded_regex(cls)(schema)
 
 
 def _problem(validator: Any, value: Any) -> str | None:
-    err = next(iter(sorted(validator.iter_errors(value), key=lambda e: e.path)), None)
+    try:
+        err = next(iter(sorted(validator.iter_errors(value), key=lambda e: e.path)), None)
+    except _PatternTimeout as exc:
+        return str(exc)
     if err is None:
         return None
     where = "/".join(str(p) for p in err.absolute_path)
     return f"{err.message}" + (f" (at {where})" if where else "")
+
+
+# -- bounds on schemas --------------------------------------------------------------------------------
+
+#: The repetition bounds that a grammar spells out one rule per repetition.
+_REPEAT_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
+
+
+def check_bounds(schema: Any, what: str) -> None:
+    """Refuse a schema (or a tool) that could not be handled safely, before anything recurses into it: nested
+    deeper than ``UNILLM_MAX_SCHEMA_DEPTH``, more enum values than ``UNILLM_MAX_SCHEMA_ENUM``, a ``$ref`` that
+    is not local (nothing is ever fetched), or text that is not valid Unicode (a lone surrogate). Iterative:
+    a deep schema cannot exhaust the stack here."""
+    max_depth, max_enum = limit("schema_depth"), limit("schema_enum")
+    enums = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            _unicode(node, what)
+            continue
+        if not isinstance(node, (Mapping, list, tuple)):
+            continue
+        if depth > max_depth:
+            raise InvalidRequestError(over("schema_depth", f"{what} nests deeper than {max_depth} levels"))
+        if isinstance(node, Mapping):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                raise InvalidRequestError(f"{what}: $ref {ref[:200]!r} points outside the schema; unillm resolves "
+                                          "only references within it ('#/$defs/...') and fetches nothing")
+            if isinstance(node.get("enum"), list):
+                enums += len(node["enum"])
+            if "const" in node:
+                enums += 1
+            if enums > max_enum:
+                raise InvalidRequestError(over("schema_enum", f"{what} has more than {max_enum} enum values"))
+            for key, value in node.items():
+                if isinstance(key, str):
+                    _unicode(key, what)
+                stack.append((value, depth + 1))
+        else:
+            stack.extend((value, depth + 1) for value in node)
+
+
+def _unicode(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{what} has text that is not valid Unicode (a lone surrogate at position {exc.start})") from None
+
+
+def grammar_form(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema a backend constrains decoding to: the schema itself, less repetition bounds (``minLength``,
+    ``maxLength``, ``minItems``, ``maxItems``) above ``UNILLM_MAX_GRAMMAR_REPEAT``. Grammar compilers spell a
+    bound out one rule per repetition (llama.cpp crashed on ``maxLength: 20000``); a bound left out here is
+    still enforced, by the check of the answer against the full schema after generation."""
+    cap = limit("grammar_repeat")
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        return {k: strip(v) for k, v in node.items()
+                if not (k in _REPEAT_KEYS and isinstance(v, int) and not isinstance(v, bool) and v > cap)}
+
+    return strip(schema)  # type: ignore[no-any-return]  # check_bounds has bounded its depth
+
+
+class _PatternTimeout(Exception):
+    pass
+
+
+def _search(pattern: str, text: str) -> bool:
+    """``re.search`` by the ``regex`` module, which releases the GIL while it matches and stops after
+    ``UNILLM_REGEX_TIMEOUT`` seconds (a pattern that backtracks catastrophically froze every thread)."""
+    import regex
+
+    try:
+        return regex.search(pattern, text, timeout=limit("regex_seconds")) is not None
+    except TimeoutError:
+        raise _PatternTimeout(over("regex_seconds", f"checking the answer against the pattern {pattern[:100]!r} took too long")) from None
+
+
+def _bounded_regex(cls: Any) -> Any:
+    """``cls`` with its regex keywords (pattern, patternProperties, additionalProperties next to
+    patternProperties) matched by :func:`_search`."""
+    import jsonschema
+    from jsonschema.exceptions import ValidationError
+
+    def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Any:
+        if validator.is_type(instance, "string") and not _search(patrn, instance):
+            yield ValidationError(f"{instance!r} does not match {patrn!r}")
+
+    def pattern_properties(validator: Any, props: Any, instance: Any, schema: Any) -> Any:
+        if not validator.is_type(instance, "object"):
+            return
+        for patrn, subschema in props.items():
+            for k, v in instance.items():
+                if _search(patrn, k):
+                    yield from validator.descend(v, subschema, path=k, schema_path=patrn)
+
+    def additional_properties(validator: Any, ap: Any, instance: Any, schema: Any) -> Any:
+        if not validator.is_type(instance, "object"):
+            return
+        patterns = list(schema.get("patternProperties", {}))
+        extras = [k for k in instance if k not in schema.get("properties", {}) and not any(_search(p, k) for p in patterns)]
+        if validator.is_type(ap, "object"):
+            for k in extras:
+                yield from validator.descend(instance[k], ap, path=k)
+        elif ap is False and extras:
+            yield ValidationError(f"Additional properties are not allowed ({', '.join(repr(k) for k in sorted(extras))} unexpected)")
+
+    return jsonschema.validators.extend(cls, {"pattern": pattern, "patternProperties": pattern_properties,
+                                              "additionalProperties": additional_properties})
 
 
 # -- tools --------------------------------------------------------------------------------------------
@@ -127,6 +247,7 @@ def _tool(i: int, t: Any) -> tuple[dict[str, Any], Any]:
     out = {"name": name, "parameters": dict(params)}
     if fn.get("description"):
         out["description"] = str(fn["description"])
+        _unicode(out["description"], f"tools[{i}] ({name}) description")
     return {"type": "function", "function": out}, validator
 
 
@@ -157,6 +278,12 @@ class Structure:
     tools: tuple[dict[str, Any], ...] = ()
     model_class: type | None = None
     _validators: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def constraint(self) -> dict[str, Any] | None:
+        """The schema that decoding is constrained to: :func:`grammar_form` of ``schema`` (what the grammar
+        leaves out is checked after generation against ``schema`` itself)."""
+        return grammar_form(self.schema) if self.schema is not None else None
 
     # -- reading the output ----------------------------------------------------------------------------
 
@@ -402,7 +529,7 @@ def message_from_dict(i: int, m: Mapping[str, Any]) -> Message:
         raise InvalidRequestError(f"messages[{i}] has unknown keys {sorted(unknown)}")
     if "role" not in m or ("content" not in m and not m.get("tool_calls")):
         raise InvalidRequestError(f"messages[{i}] needs both 'role' and 'content'")
-    role = m["role"]
+    role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system role
     calls = _tool_calls(i, m.get("tool_calls"))
     if calls and role != "assistant":
         raise InvalidRequestError(f"messages[{i}] has tool_calls but role {role!r}; only assistant messages call tools")

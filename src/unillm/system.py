@@ -55,6 +55,18 @@ def memory_gb() -> float | None:
     return None
 
 
+def available_memory_bytes() -> int | None:
+    """The memory the kernel says a new allocation can have without swapping (``MemAvailable``)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class GPU:
     index: int

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -54,15 +55,29 @@ BACKENDS: dict[str, BackendInfo] = {
 }
 
 
+def _installed_entry_points() -> list[metadata.EntryPoint]:
+    """The ``unillm.backends`` entry points of installed distributions. ``python -m`` puts the current
+    directory on ``sys.path``, so a ``*.dist-info`` folder in a cloned repository would register an import path
+    of its own: distributions found in the current directory are not installed ones, and are skipped."""
+    here = os.path.realpath(os.getcwd())
+    out = []
+    for ep in metadata.entry_points(group="unillm.backends"):
+        location = getattr(ep.dist, "_path", None)  # the .dist-info folder (PathDistribution)
+        if location is not None and os.path.realpath(os.path.dirname(str(location))) == here:
+            continue
+        out.append(ep)
+    return out
+
+
 def backend_info(name: str) -> BackendInfo:
     """The table entry of a backend, looking at the ``unillm.backends`` entry points for others."""
     if name in BACKENDS:
         return BACKENDS[name]
-    for ep in metadata.entry_points(group="unillm.backends"):
+    for ep in _installed_entry_points():
         if ep.name == name:
             module = ep.value.split(":")[0]
             return BackendInfo(name, ep.value, module, ep.dist.name if ep.dist else module, name)
-    known = sorted(BACKENDS) + sorted(ep.name for ep in metadata.entry_points(group="unillm.backends"))
+    known = sorted(BACKENDS) + sorted(ep.name for ep in _installed_entry_points())
     raise ConfigError(f"unknown backend {name!r}; known: {', '.join(known)}", key="backend")
 
 

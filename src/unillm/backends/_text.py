@@ -13,13 +13,23 @@ from .base import Generation, Piece, Request, decode_rate
 
 
 def stop_holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters of ``text`` could be the start of a stop string."""
-    keep = 0
+    """How many trailing characters of ``text`` could be the start of a stop string. Only prefixes that end
+    with the text's last character are tried, so a long stop string costs a few comparisons, not one per
+    character."""
+    if not text:
+        return 0
+    last, keep = text[-1], 0
     for s in stops:
-        for n in range(min(len(s) - 1, len(text)), keep, -1):
+        n = min(len(s) - 1, len(text))
+        while n > keep:
+            i = s.rfind(last, 0, n)  # the longest prefix shorter than n that ends with the text's last character
+            if i + 1 <= keep:
+                break
+            n = i + 1
             if text.endswith(s[:n]):
                 keep = n
                 break
+            n -= 1
     return keep
 
 
@@ -56,8 +66,10 @@ class TokenText:
         """Append one generated token's bytes; True when the answer is complete."""
         self._tick()
         self.n += 1
+        before = len(self.text)
         self.text += self._decoder.decode(piece)
-        hits = [self.text.index(s) for s in self.stops if s in self.text]
+        # A stop string not found before can only end in the new text: search from where it could begin.
+        hits = [i for s in self.stops if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
         if hits:
             self.text, self.finish, self._cut = self.text[: min(hits)], "stop", True
             return True

@@ -114,8 +114,9 @@ class Backend(ABC):
         """Why this entry cannot embed, known before loading it (None: it can, or loading will tell)."""
         return None
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """One L2-normalized vector per text, and the number of tokens read."""
+    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        """One L2-normalized vector per text, and the number of tokens read. A text longer than the context
+        window is a ContextWindowExceededError, or with ``truncate`` cut to the window's first tokens."""
         raise UnsupportedFeatureError(self.name, f"embeddings (model {self.spec.name!r})")
 
     def dead(self) -> str | None:
@@ -152,9 +153,10 @@ def chat_inputs(request: Request, template: str | None) -> tuple[list[dict[str, 
 
 
 def request_schema(request: Request) -> dict[str, Any] | None:
-    """The JSON schema the answer must be constrained to (response_format, or a required tool call)."""
+    """The JSON schema the answer must be constrained to (response_format, or a required tool call), in the
+    form that grammar compilers are given (:attr:`Structure.constraint`)."""
     structure: Structure | None = request.params.structure
-    return structure.schema if structure is not None else None
+    return structure.constraint if structure is not None else None
 
 
 def decode_rate(n_tokens: int, first_token_at: float | None, end: float) -> float | None:
@@ -200,6 +202,16 @@ async def pieces_from_worker(
             await asyncio.shield(job)
 
 
+#: Clean-ups of loads whose caller went away (the loop holds tasks only weakly); Engine.close waits for them.
+_ABANDONED: set[asyncio.Future[None]] = set()
+
+
+async def abandoned_loads() -> None:
+    """Wait until every abandoned load has been freed."""
+    if _ABANDONED:
+        await asyncio.gather(*list(_ABANDONED), return_exceptions=True)
+
+
 class ThreadedBackend(Backend):
     """A backend whose library blocks (llama.cpp, transformers): one worker thread per model does its work,
     requests are started by :meth:`_start` and stopped through cancel events, which unload sets too."""
@@ -210,14 +222,27 @@ class ThreadedBackend(Backend):
         self._cancels: set[threading.Event] = set()
 
     async def _start_worker(self, load: Callable[..., Any], *args: Any) -> None:
-        """Create the model's worker thread and run ``load`` on it; on failure the thread goes too."""
+        """Create the model's worker thread and run ``load`` on it; on failure the thread goes too. A caller
+        that gives up (Ctrl-C, a cancelled task) cannot stop the load in its thread: when it ends, what it made
+        is freed (each interrupted load used to leak its model and thread)."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"unillm-{self.name}-{self.spec.name}")
+        loading = asyncio.get_running_loop().run_in_executor(self._executor, load, *args)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, load, *args)
+            await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            task = asyncio.ensure_future(self._close_after(loading))
+            _ABANDONED.add(task)
+            task.add_done_callback(_ABANDONED.discard)
+            raise
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None
             raise
+
+    async def _close_after(self, loading: asyncio.Future[Any]) -> None:
+        with contextlib.suppress(BaseException):
+            await loading
+        await self.aclose()
 
     def _stop_requests(self) -> ThreadPoolExecutor | None:
         """For unload: cancel what runs (it stops at its next token) and take the worker away from new requests."""

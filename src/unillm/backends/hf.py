@@ -31,6 +31,7 @@ from ..errors import (
 )
 from ..convert import model_folder
 from ..params import fit_max_tokens
+from ..templates import bounded
 from ..registry import ModelSpec
 from ._text import TokenText
 from ..options import HFOptions, parse_options
@@ -150,8 +151,9 @@ class HFBackend(ThreadedBackend):
             raise UnsupportedFeatureError("hf", "presence_penalty and frequency_penalty (transformers has only "
                                                 "repetition_penalty, which counts differently)")
         msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
-        ids = self.tokenizer.apply_chat_template(
-            msgs, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with bounded(self.spec.name):
+            ids = self.tokenizer.apply_chat_template(
+                msgs, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         prompt = ids["input_ids"].to(self.device)
         p = request.params
         max_tokens = fit_max_tokens(self.spec.name, prompt.shape[1], self.spec.context_window, p)
@@ -177,20 +179,21 @@ class HFBackend(ThreadedBackend):
             emit(out.last_piece(result))
         return result
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        return await self._submit(self._embed, texts)  # type: ignore[no-any-return]
+    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        return await self._submit(self._embed, texts, truncate)  # type: ignore[no-any-return]
 
-    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
         """Mean of the last hidden states over each text's tokens, L2-normalized (on the worker thread)."""
         if self.model is None:
             raise ModelUnloadedError(self.spec.name)
         vectors, count = [], 0
         with torch.inference_mode():
             for text in texts:
-                ids = self.tokenizer(text, return_tensors="pt").to(self.device)
+                ids = self.tokenizer(text, return_tensors="pt", truncation=truncate,
+                                     max_length=self.spec.context_window if truncate else None).to(self.device)
                 n = int(ids["input_ids"].shape[1])
                 if n > self.spec.context_window:
-                    raise ContextWindowExceededError(self.spec.name, n, self.spec.context_window)
+                    raise ContextWindowExceededError(self.spec.name, n, self.spec.context_window, embedding=True)
                 hidden = self.model.base_model(**ids).last_hidden_state[0].float()
                 v = hidden.mean(dim=0)
                 vectors.append((v / v.norm()).tolist())

@@ -45,7 +45,9 @@ from ..errors import (
 from ..convert import cache_root
 from ..params import fit_max_tokens
 from ..registry import resolve_file
-from ..system import cpu_count, default_threads
+from ..templates import bounded
+from ..limits import limit, over
+from ..system import available_memory_bytes, cpu_count, default_threads
 from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
 from ..options import LlamaCppOptions, parse_options
@@ -82,6 +84,9 @@ class ExtraSampling(BaseModel):
     mirostat_mode: int = Field(0, ge=0, le=2)
     mirostat_tau: float = Field(5.0, gt=0.0)
     mirostat_eta: float = Field(0.1, gt=0.0)
+    #: Tokens the repeat/frequency/presence penalties look back over (Ollama's repeat_last_n: 0 off, -1 the
+    #: whole context).
+    repeat_last_n: int = Field(64, ge=-1)
     grammar: Any = None
     logits_processor: Any = None
 
@@ -117,6 +122,52 @@ def schema_grammar(schema: dict[str, Any]) -> str:
         raise InvalidRequestError(f"llama.cpp cannot turn this JSON schema into a grammar: {type(exc).__name__}: {exc}") from exc
 
 
+def check_grammar_bounds(text: str, what: str) -> None:
+    """Refuse a GBNF grammar over ``UNILLM_MAX_GRAMMAR_BYTES`` or nested deeper than
+    ``UNILLM_MAX_GRAMMAR_NESTING`` (llama.cpp's parser recurses on each parenthesis and crashed the process on
+    100,000 of them)."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{what} is not valid Unicode text (a lone surrogate at position {exc.start})") from None
+    if size > limit("grammar_bytes"):
+        raise InvalidRequestError(over("grammar_bytes", f"{what} has {size} bytes"))
+    depth = deepest = 0
+    quote: str | None = None
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quote is not None:  # inside "..." or [...]: parentheses are characters
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c == "#":
+            nl = text.find("\n", i)
+            i = len(text) if nl < 0 else nl
+        elif c in "\"[":
+            quote = "\"" if c == "\"" else "]"
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    if deepest > limit("grammar_nesting"):
+        raise InvalidRequestError(over("grammar_nesting", f"{what} nests parentheses {deepest} deep"))
+
+
+def grammar_sampler(llm: Any, text: str, what: str = "extra grammar") -> Any:
+    """llama.cpp's grammar sampler for GBNF ``text`` (the caller frees it). llama-cpp-python hands a NULL
+    sampler to llama_sampler_chain_add when a grammar does not parse, which crashes the process: a NULL here
+    is an InvalidRequestError instead."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+    if not sampler:
+        raise InvalidRequestError(f"{what} is not valid GBNF, or is beyond what llama.cpp accepts (it could not parse it)")
+    return sampler
+
+
 def gpu_offload_supported() -> bool:
     """Whether this llama-cpp-python build can put layers on a GPU (CUDA, Metal, Vulkan...)."""
     return bool(llama_cpp.llama_supports_gpu_offload())
@@ -125,8 +176,8 @@ def gpu_offload_supported() -> bool:
 _FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
 
 
-def file_type(path: str) -> int:
-    """A GGUF's ``general.file_type`` (a llama_ftype), read with the vocabulary only (no weights)."""
+def gguf_meta(path: str, *keys: str) -> dict[str, str]:
+    """Metadata values of a GGUF (those of ``keys`` that it has), read with the vocabulary only (no weights)."""
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # what Llama(verbose=False) sets
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
@@ -134,11 +185,37 @@ def file_type(path: str) -> int:
     if not model:
         raise ValueError(f"{path} is not a GGUF llama.cpp can read")
     try:
-        buf = ctypes.create_string_buffer(16)
-        n = llama_cpp.llama_model_meta_val_str(model, b"general.file_type", buf, len(buf))
-        return int(buf.value) if n > 0 else -1
+        out = {}
+        buf = ctypes.create_string_buffer(256)
+        for key in keys:
+            if llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf)) > 0:
+                out[key] = buf.value.decode("utf-8", errors="replace")
+        return out
     finally:
         llama_cpp.llama_model_free(model)
+
+
+def file_type(path: str) -> int:
+    """A GGUF's ``general.file_type`` (a llama_ftype)."""
+    return int(gguf_meta(path, "general.file_type").get("general.file_type", -1))
+
+
+def kv_cache_bytes(path: str, n_ctx: int) -> int | None:
+    """What llama.cpp's f16 KV cache of ``n_ctx`` cells takes for this GGUF (None: the file does not say)."""
+    arch = gguf_meta(path, "general.architecture").get("general.architecture")
+    if arch is None:
+        return None
+    keys = [f"{arch}.{k}" for k in ("block_count", "embedding_length", "attention.head_count",
+                                    "attention.head_count_kv", "attention.key_length", "attention.value_length")]
+    meta = gguf_meta(path, *keys)
+    try:
+        layers, embd, heads = (int(meta[k]) for k in keys[:3])
+    except (KeyError, ValueError):
+        return None
+    kv_heads = int(meta.get(keys[3], heads))
+    k_len = int(meta.get(keys[4], embd // max(heads, 1)))
+    v_len = int(meta.get(keys[5], k_len))
+    return n_ctx * layers * kv_heads * (k_len + v_len) * 2
 
 
 def ftype_name(ftype: int) -> str:
@@ -239,6 +316,7 @@ class LlamaCppBackend(ThreadedBackend):
         self._info: dict[str, Any] = {}
         self._batcher: Batcher | None = None
         self._embedder: Any = None
+        self._embed_executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- load / close -------------------------------------------------------------------------------
 
@@ -253,6 +331,7 @@ class LlamaCppBackend(ThreadedBackend):
         threads = o.n_threads or (cpu_count() if o.parallel > 1 else default_threads())
         file = path
         path, weights = weights_file(self.spec.name, file, o, n_gpu_layers)
+        self._check_memory(path, n_gpu_layers)
         try:
             llm = llama_cpp.Llama(
                 model_path=path,
@@ -305,14 +384,35 @@ class LlamaCppBackend(ThreadedBackend):
             "llama_cpp_python": llama_cpp.__version__,
         }
 
+    def _check_memory(self, path: str, n_gpu_layers: int) -> None:
+        """Refuse a load whose KV cache alone cannot fit in the memory available (a context_window of 10**9
+        allocated 15 GB before llama.cpp gave up), before anything is allocated."""
+        if n_gpu_layers != 0:
+            return  # the cache goes where the layers go: the GPU's own check applies
+        cells = self.spec.context_window * (1 + (self.options.parallel if self.options.parallel > 1 else 0))
+        need, free = kv_cache_bytes(path, cells), available_memory_bytes()
+        if need is not None and free is not None and need > free:
+            raise ModelLoadError(
+                self.spec.name, f"its KV cache for context_window {self.spec.context_window} x "
+                f"{max(self.options.parallel, 1)} slot(s) (+1 for the single-sequence context) needs "
+                f"{need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB of memory is available: lower context_window "
+                f"or options.parallel in {self.spec.config_file or 'the registry'}",
+            )
+
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        return await self._submit(self._embed, texts)  # type: ignore[no-any-return]
+    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        # Not on the model's worker thread, which tokenizes every chat request: one embed() of 200 texts held
+        # chat on this model for 43 s. Embeddings have a context and a thread of their own.
+        if self._executor is None:
+            raise ModelUnloadedError(self.spec.name)
+        if self._embed_executor is None:
+            self._embed_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"unillm-embed-{self.spec.name}")
+        return await asyncio.get_running_loop().run_in_executor(self._embed_executor, self._embed, texts, truncate)  # type: ignore[no-any-return]
 
-    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """On the worker thread: a second context of the same GGUF in embedding mode (mean pooling by
+    def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
+        """On the embedding thread: a second context of the same GGUF in embedding mode (mean pooling by
         default, ``options.pooling``), made on the first call."""
         if self._embedder is None:
             o = self.options
@@ -324,11 +424,12 @@ class LlamaCppBackend(ThreadedBackend):
                 n_gpu_layers=self._info["n_gpu_layers"], verbose=False,
             )
         emb = self._embedder
-        for text in texts:
+        for text in texts if not truncate else ():
             n = len(emb.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.spec.context_window:
-                raise ContextWindowExceededError(self.spec.name, n, self.spec.context_window)
-        vectors, count = on_a_passing_thread(emb.embed, texts, normalize=True, truncate=False, return_count=True)
+                raise ContextWindowExceededError(self.spec.name, n, self.spec.context_window, embedding=True)
+        # truncate cuts each text to n_batch tokens, which is the context window here
+        vectors, count = on_a_passing_thread(emb.embed, texts, normalize=True, truncate=truncate, return_count=True)
         return [list(map(float, v)) for v in vectors], int(count)
 
     def max_concurrency(self) -> int | None:
@@ -342,8 +443,11 @@ class LlamaCppBackend(ThreadedBackend):
         llm, self._llm = self._llm, None
         embedder, self._embedder = self._embedder, None
         batcher, self._batcher = self._batcher, None
+        embedding, self._embed_executor = self._embed_executor, None
         if batcher is not None:
             await asyncio.to_thread(batcher.close)
+        if embedding is not None:  # after the embedding in flight, if any
+            await asyncio.to_thread(embedding.shutdown, True)
         for model in (llm, embedder):
             if model is not None:
                 await asyncio.get_running_loop().run_in_executor(executor, model.close)
@@ -351,57 +455,63 @@ class LlamaCppBackend(ThreadedBackend):
 
     # -- generation ---------------------------------------------------------------------------------
 
-    def _sampling(self, request: Request, failures: list[BaseException]) -> dict[str, Any]:
+    def _sampling(self, llm: Any, request: Request, failures: list[BaseException]) -> dict[str, Any]:
+        """The call's sampling options for llama.cpp; a grammar is checked (size, nesting, that it parses) and
+        ``grammar_text`` holds its GBNF."""
         kw = extra_sampling(request.params.extra)
+        if kw["repeat_last_n"] == -1:
+            kw["repeat_last_n"] = self.spec.context_window
         p = request.params
         for name in ("presence_penalty", "frequency_penalty"):  # the call's own parameter over extra's
             if getattr(p, name):
                 kw[name] = getattr(p, name)
         schema = request_schema(request)
+        what = "extra grammar"
         if schema is not None:
             if kw["grammar"] is not None:
                 raise InvalidRequestError("extra grammar and a JSON schema (response_format or a required tool call) "
                                           "both constrain the answer: give one")
-            kw["grammar"] = schema_grammar(schema)
+            kw["grammar"], what = schema_grammar(schema), "the grammar built from the JSON schema"
+        kw["grammar_text"] = None
         if kw["grammar"] is not None:
             grammar = kw["grammar"]
             text = grammar if isinstance(grammar, str) else getattr(grammar, "_grammar", None)
             if not isinstance(text, str):
                 raise InvalidRequestError("extra grammar must be GBNF text or a llama_cpp.LlamaGrammar")
-            self._check_grammar(text)
-            kw["grammar"] = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+            check_grammar_bounds(text, what)
+            llama_cpp.llama_sampler_free(grammar_sampler(llm, text, what))  # parses, or InvalidRequestError
+            kw["grammar"], kw["grammar_text"] = llama_cpp.LlamaGrammar.from_string(text, verbose=False), text
         if kw["logits_processor"] is not None:
             procs = kw["logits_processor"]
             procs = list(procs) if isinstance(procs, (list, tuple)) else [procs]
             kw["logits_processor"] = llama_cpp.LogitsProcessorList([_guarded(p, failures) for p in procs])
         return kw
 
-    def _check_grammar(self, text: str) -> None:
-        # llama-cpp-python hands a NULL sampler to llama_sampler_chain_add when the grammar does not
-        # parse, which crashes the process: parse it here first, through the same C call.
-        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
-        if not sampler:
-            raise InvalidRequestError("extra grammar is not valid GBNF (llama.cpp could not parse it)")
-        llama_cpp.llama_sampler_free(sampler)
-
-    def _tokens(self, request: Request) -> tuple[list[int], int, list[str]]:
+    def _tokens(self, llm: Any, request: Request) -> tuple[list[int], int, list[str]]:
         """Prompt tokens, the max_tokens that fit, and the stop strings (runs on the worker)."""
         messages, tools = chat_inputs(request, self._template)
-        fmt = self._formatter(messages=messages, tools=tools)
-        tokens = self._llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
+        with bounded(self.spec.name):
+            fmt = self._formatter(messages=messages, tools=tools)
+        tokens = llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
         max_tokens = fit_max_tokens(self.spec.name, len(tokens), self.spec.context_window, request.params)
         stops = list(request.params.stop) + [s for s in (fmt.stop or []) if s]
         return tokens, max_tokens, stops
 
-    def _run(self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None) -> Generation:
-        """The token loop, on the model's worker thread. ``emit`` receives pieces when streaming."""
+    def _model(self) -> Any:
+        """The loaded Llama, taken once per request: unload may clear it from another thread meanwhile."""
         llm = self._llm
         if llm is None:
             raise ModelUnloadedError(self.spec.name)
+        return llm
+
+    def _run(self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None) -> Generation:
+        """The token loop, on the model's worker thread. ``emit`` receives pieces when streaming."""
+        llm = self._model()
         failures: list[BaseException] = []
-        kw = self._sampling(request, failures)
-        tokens, max_tokens, stops = self._tokens(request)
+        kw = self._sampling(llm, request, failures)
+        kw.pop("grammar_text")
+        llm.last_n_tokens_size = kw.pop("repeat_last_n")  # read by generate's sampler; one request at a time here
+        tokens, max_tokens, stops = self._tokens(llm, request)
         p = request.params
         llm.set_seed(p.seed if p.seed is not None else random.randint(0, 2**31 - 1))
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -433,10 +543,14 @@ class LlamaCppBackend(ThreadedBackend):
 
     def _job(self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None) -> SeqJob:
         """Tokenize and check a request for the batcher (on the worker thread)."""
-        sampling = self._sampling(request, [])
+        llm = self._model()
+        sampling = self._sampling(llm, request, [])
         check_batchable(self.spec.name, request.params.extra)
-        tokens, max_tokens, stops = self._tokens(request)
-        return SeqJob(request, tokens, TokenText(request, len(tokens), max_tokens, stops), sampling, emit, cancel)
+        tokens, max_tokens, stops = self._tokens(llm, request)
+        text = sampling.pop("grammar_text")
+        # The grammar's sampler is made here, not on the batcher's thread: every sequence waits for that one.
+        grammar = grammar_sampler(llm, text) if text is not None else None
+        return SeqJob(request, tokens, TokenText(request, len(tokens), max_tokens, stops), sampling, emit, cancel, grammar)
 
     async def _start(
         self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None

@@ -27,7 +27,6 @@ from ..errors import GenerationError, ModelLoadError, ModelUnloadedError, Unsupp
 from ._text import TokenText
 from .base import Generation, Piece, Request
 
-_PENALTY_LAST_N = 64  # Llama's last_n_tokens_size
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 
 
@@ -41,6 +40,9 @@ class SeqJob:
     sampling: dict[str, Any]
     emit: Callable[[Piece], None] | None
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: The grammar's llama.cpp sampler, made on the model's worker thread (None: no grammar); the batcher
+    #: owns it once the job is submitted, and frees it.
+    grammar: Any = None
     future: concurrent.futures.Future[Generation] = field(default_factory=concurrent.futures.Future)
 
 
@@ -125,25 +127,41 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            busy = any(self.slots) or self.waiting
             try:
-                job = self.jobs.get(block=not busy)
-                while True:
-                    if job is None:
-                        self._shutdown()
-                        return
-                    self.waiting.append(job)
-                    job = self.jobs.get_nowait()
-            except queue.Empty:
-                pass
-            self._admit()
-            if any(self.slots):
-                try:
-                    self._step()
-                except Exception as exc:  # noqa: BLE001 - fail what was in the batch, keep serving
-                    for slot in self.slots:
-                        if slot is not None:
-                            self._fail(slot, GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
+                if not self._turn():
+                    return
+            except Exception as exc:  # noqa: BLE001 - a defect here must not leave every request waiting for ever
+                for job in [s.job for s in self.slots if s is not None] + self.waiting:
+                    _settle(job.future, exc=GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
+                for slot in self.slots:
+                    if slot is not None:
+                        self._release(slot, keep_cache=False)
+                for job in self.waiting:
+                    _free(job.grammar)
+                self.waiting.clear()
+
+    def _turn(self) -> bool:
+        """One round: take new jobs, admit what fits, decode one step. False once closed."""
+        busy = any(self.slots) or self.waiting
+        try:
+            job = self.jobs.get(block=not busy)
+            while True:
+                if job is None:
+                    self._shutdown()
+                    return False
+                self.waiting.append(job)
+                job = self.jobs.get_nowait()
+        except queue.Empty:
+            pass
+        self._admit()
+        if any(self.slots):
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - fail what was in the batch, keep serving
+                for slot in self.slots:
+                    if slot is not None:
+                        self._fail(slot, GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
+        return True
 
     def _shutdown(self) -> None:
         for slot in self.slots:
@@ -152,20 +170,23 @@ class Batcher:
                 slot.job.text.finish = "cancelled"
                 self._finish(slot)
         for job in self.waiting:
-            job.future.set_exception(ModelUnloadedError(self.name))
+            _free(job.grammar)
+            _settle(job.future, exc=ModelUnloadedError(self.name))  # a cancelled caller's future is already done
+        self.waiting.clear()
 
     def _admit(self) -> None:
         while self.waiting and None in self.slots:
             job = self.waiting.pop(0)
             try:
                 if job.cancel.is_set():
+                    _free(job.grammar)
                     job.text.finish = "cancelled"
                     self._resolve(job)
                     continue
-                sampler, grammar = self._sampler(job)
+                sampler, grammar = self._sampler(job), job.grammar
             except Exception as exc:  # noqa: BLE001 - this request alone fails; the thread goes on
-                if not job.future.done():
-                    job.future.set_exception(GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
+                _free(job.grammar)
+                _settle(job.future, exc=GenerationError(self.name, f"{type(exc).__name__}: {exc}"))
                 continue
             seq, keep = self._reuse(job.tokens)
             job.text.cached_tokens = keep
@@ -185,16 +206,13 @@ class Batcher:
         del self.cached[best][keep:]
         return best, keep
 
-    def _sampler(self, job: SeqJob) -> tuple[Any, Any]:
-        """The sampler chain of a sequence, and its grammar sampler (None without one)."""
+    def _sampler(self, job: SeqJob) -> Any:
+        """The sampler chain of a sequence (its grammar, made by the worker, is ``job.grammar``)."""
         kw, p = job.sampling, job.request.params
-        grammar = None
-        if kw["grammar"] is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, kw["grammar"]._grammar.encode("utf-8"), b"root")
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
         add(llama_cpp.llama_sampler_init_penalties(
-            self.n_vocab, _PENALTY_LAST_N, kw["repeat_penalty"], kw["frequency_penalty"], kw["presence_penalty"]))
+            self.n_vocab, kw["repeat_last_n"], kw["repeat_penalty"], kw["frequency_penalty"], kw["presence_penalty"]))
         if p.temperature == 0.0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -205,7 +223,7 @@ class Batcher:
             add(llama_cpp.llama_sampler_init_temp(p.temperature))
             seed = p.seed if p.seed is not None else random.randint(0, 2**31 - 1)
             add(llama_cpp.llama_sampler_init_dist(seed))
-        return chain, grammar
+        return chain
 
     def _sample(self, slot: _Slot, idx: int) -> int:
         """Sample a sequence's next token. With a grammar, as llama.cpp's own common sampler does: the chain
@@ -322,12 +340,29 @@ class Batcher:
         result = job.text.result()
         if job.emit is not None:
             job.emit(job.text.last_piece(result))
-        job.future.set_result(result)
+        _settle(job.future, result)
 
     def _fail(self, slot: _Slot, exc: BaseException) -> None:
         self._release(slot, keep_cache=False)
-        if not slot.job.future.done():
-            slot.job.future.set_exception(exc)
+        _settle(slot.job.future, exc=exc)
+
+
+def _settle(future: concurrent.futures.Future[Generation], result: Generation | None = None,
+            exc: BaseException | None = None) -> None:
+    """Resolve a job's future unless it is done already: its caller may cancel it from another thread at any
+    moment, and resolving a cancelled future raises InvalidStateError (which killed this thread)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _free(sampler: Any) -> None:
+    if sampler is not None:
+        llama_cpp.llama_sampler_free(sampler)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -341,4 +376,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def check_batchable(name: str, extra: dict[str, Any]) -> None:
     key = unsupported_in_batch(extra)
     if key is not None:
-        raise UnsupportedFeatureError("llamacpp", f"extra {key!r} with parallel sequences ({name}: options.parallel > 1; use parallel: 1)")
+        ollama = {"mirostat_mode": " (Ollama's options.mirostat)"}.get(key, "")
+        raise UnsupportedFeatureError("llamacpp", f"extra {key!r}{ollama} with parallel sequences ({name}: options.parallel > 1; "
+                                                  "use parallel: 1)")

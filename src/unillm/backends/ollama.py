@@ -175,7 +175,7 @@ class OllamaBackend(Backend):
             if fmt is not None:
                 raise InvalidRequestError("extra format and a JSON schema (response_format or a required tool call) "
                                           "both constrain the answer: give one")
-            fmt = structure.schema  # Ollama's format= takes a JSON schema
+            fmt = structure.constraint  # Ollama's format= takes a JSON schema (its grammar spells out bounds too)
             if structure.mode == "auto":
                 tools = list(structure.tools)
         options: dict[str, Any] = {"temperature": p.temperature, "top_p": p.top_p, "num_ctx": self.spec.context_window}
@@ -198,13 +198,13 @@ class OllamaBackend(Backend):
             "options": options, "format": fmt, "keep_alive": self.options.keep_alive, "stream": stream,
         }
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
         if self.local is not None:
-            return await self.local.embed(texts)
+            return await self.local.embed(texts, truncate)
         if self.client is None:
             raise ModelUnloadedError(self.spec.name)
         with self._mapped():
-            r = await self.client.embed(model=self.tag, input=texts, keep_alive=self.options.keep_alive)
+            r = await self.client.embed(model=self.tag, input=texts, truncate=truncate, keep_alive=self.options.keep_alive)
         return [list(map(float, v)) for v in r.embeddings], int(r.prompt_eval_count or 0)
 
     async def generate(self, request: Request) -> Generation:

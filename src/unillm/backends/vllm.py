@@ -45,6 +45,8 @@ from ..errors import (
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ..system import cpu_has_bf16, gpus
+from ..templates import bounded
+from . import _vllm_child
 from ..types import Usage
 from ..options import VLLMOptions, parse_options
 from ..structured import Structure, ToolCallParser
@@ -109,8 +111,35 @@ def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
         kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
     if o.kv_cache_memory_bytes or not on_gpu:
         kwargs["kv_cache_memory_bytes"] = o.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+        need = kv_bytes(model, kwargs["dtype"], spec.context_window)
+        if need is not None and kwargs["kv_cache_memory_bytes"] < need:
+            raise ModelLoadError(
+                spec.name, f"its KV cache of {kwargs['kv_cache_memory_bytes'] / 2**20:.0f} MiB cannot hold one sequence of "
+                f"context_window {spec.context_window} in {kwargs['dtype']} ({need / 2**20:.0f} MiB): raise "
+                f"options.kv_cache_memory_bytes to at least {need} in {spec.config_file or 'the registry'}, or lower "
+                "context_window",
+            )
     kwargs.update(o.engine_args)
     return AsyncEngineArgs(**kwargs)
+
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def kv_bytes(model: str, dtype: str, tokens: int) -> int | None:
+    """What vLLM's KV cache takes for ``tokens`` of a local checkpoint in ``dtype`` (None: unknown: not a local
+    folder, or ``auto`` on a GPU)."""
+    import json
+
+    size = _DTYPE_BYTES.get(dtype)
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None if size is None else tokens * layers * 2 * kv_heads * head_dim * size
 
 
 def choose_dtype(dtype: str, on_gpu: bool) -> tuple[str, str]:
@@ -174,6 +203,7 @@ class VLLMBackend(Backend):
         args = engine_args(self.spec, model, on_gpu)
         if on_gpu:
             check_gpu_share(self.spec.name, self.options.gpu_memory_utilization, self._shares)
+        _vllm_child.install()  # its engine process ends with this one, however this one ends
         try:
             # Minutes of blocking work (processes, weights, KV cache): off the shared loop, so that other
             # models' streams keep flowing; AsyncLLM starts its output handler on the first request.
@@ -211,16 +241,23 @@ class VLLMBackend(Backend):
         return (f"embeddings with {spec.name!r}: vLLM embeds with its pooling runner, which a registry entry with "
                 "task: embed starts (a second engine of the same checkpoint)")
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
         if (problem := self.embed_problem(self.spec)) is not None:
             raise UnsupportedFeatureError("vllm", problem)
         if self.engine is None:
             raise ModelUnloadedError(self.spec.name)
         engine = self.engine
 
+        tokenizer = self.tokenizer
+        window = self.spec.context_window
+
         async def one(i: int, text: str) -> tuple[list[float], int]:
             out = None
-            async for out in engine.encode(text, PoolingParams(task="embed"), f"{new_request_id()}-{i}"):
+            prompt: Any = text
+            if truncate and tokenizer is not None:  # the window's first tokens, as Ollama's truncate does
+                ids = (await asyncio.to_thread(tokenizer, text))["input_ids"]
+                prompt = TokensPrompt(prompt_token_ids=list(ids[:window])) if len(ids) > window else text
+            async for out in engine.encode(prompt, PoolingParams(task="embed"), f"{new_request_id()}-{i}"):
                 pass
             assert out is not None
             v = out.outputs.data.float()
@@ -269,8 +306,9 @@ class VLLMBackend(Backend):
         if tokenizer is None:
             raise ModelUnloadedError(self.spec.name)
         msgs, tools = chat_inputs(request, tokenizer.chat_template)
-        ids = list(tokenizer.apply_chat_template(
-            msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        with bounded(self.spec.name):
+            ids = list(tokenizer.apply_chat_template(
+                msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         p = request.params
         max_tokens = fit_max_tokens(self.spec.name, len(ids), self.spec.context_window, p)
         schema = request_schema(request)
