@@ -6,9 +6,19 @@
 - 64 concurrent streams, half closed early: stuck streams, and a request after;
 - 100 concurrent HTTP requests, half of the clients leaving early: 500s, and a request after;
 - 20 load/unload cycles: RSS growth after the third cycle;
-- vLLM (when installed): child processes left after unload, and after SIGTERM of ``unillm serve``.
+- vLLM (when installed): child processes left after unload, and after SIGTERM of ``unillm serve``, and of a
+  plain script that loaded a model;
+- hostile requests (issue 26): schemas and grammars that crashed llama.cpp, a backtracking pattern, deep
+  schemas, lone surrogates, remote $refs, floods of stop strings, huge enums, a looping chat template,
+  half-sent bodies, abandoned requests beyond the queue, a large embedding beside chat: crashes, hangs,
+  500s, and how long an ordinary request takes beside them;
+- batch outputs removed, shared, the input itself, ids that collide, a full disk, bad bytes: records lost,
+  duplicated, reported but not kept;
+- a cloned repository's unillm.yaml and dist-info: code run from a project file;
+- lifecycle: interrupted loads (RSS), a forked child, close() under a stream, Ctrl-C of unillm chat, a
+  context window of 10**9.
 
-    python benchmarks/soak.py [--skip-vllm]
+    python benchmarks/soak.py [--skip-vllm] [--only hostile,jobs,project,lifecycle]
 """
 
 from __future__ import annotations
@@ -307,8 +317,17 @@ def vllm_processes() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--only", help="comma-separated sections of issue 26 only: hostile, jobs, project, lifecycle")
     args = ap.parse_args()
     t0 = time.time()
+    from soak_hostile import SECTIONS
+
+    if args.only:
+        for name in args.only.split(","):
+            print(name, flush=True)
+            SECTIONS[name](ROWS, skip_vllm=args.skip_vllm)
+        print_rows(t0)
+        return
     proc, url = start_server()
     try:
         print("bad inputs", flush=True)
@@ -329,9 +348,16 @@ def main() -> None:
     if not args.skip_vllm and importlib.util.find_spec("vllm"):
         print("vLLM processes", flush=True)
         vllm_processes()
-    print(f"\n{'figure':58}{'value':>28}   target")
+    for name, section in SECTIONS.items():
+        print(name, flush=True)
+        section(ROWS, skip_vllm=args.skip_vllm)
+    print_rows(t0)
+
+
+def print_rows(t0: float) -> None:
+    print(f"\n{'figure':66}{'value':>28}   target")
     for name, value, target in ROWS:
-        print(f"{name:58}{value:>28}   {target}")
+        print(f"{name:66}{value:>28}   {target}")
     print(f"({time.time() - t0:.0f} s)")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import QUESTION, run_py
+from conftest import QUESTION, ROOT, run_py
 
 SYSTEM = QUESTION[0]["content"]
 
@@ -81,3 +81,12 @@ def test_mypy_is_clean_on_src():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "mypy"], cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_readme_lists_every_limit_with_its_default():
+    from unillm.limits import LIMITS
+
+    readme = (ROOT / "README.md").read_text()
+    for lim in LIMITS.values():
+        default = f"{int(lim.default):,}" if lim.integer else f"{lim.default} s"
+        assert f"| `{lim.env}` | {default} |" in readme, lim.env

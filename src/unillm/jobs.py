@@ -102,9 +102,9 @@ def read_done(output: Path) -> tuple[dict[str, bool], bool]:
     except ConfigError:
         if not last.startswith(b'{"id": '):
             raise
-    with open(output, "r+b") as f:
-        f.truncate(len(data) - len(last))
-        os.fsync(f.fileno())
+    with open(output, "r+b") as cut:
+        cut.truncate(len(data) - len(last))
+        os.fsync(cut.fileno())
     return done, True
 
 
@@ -197,7 +197,7 @@ class _Output:
 
     def __init__(self, path: Path, input_path: Path) -> None:
         self.path = path
-        if path.exists() and not path.is_file():
+        if path.exists() and not path.is_file() and not path.is_dir():  # a folder: open() says so
             raise JobError(f"the output {path} is not a regular file: a job reads its output back to resume, "
                            "so write to a file (then cat it)")
         if path.exists() and input_path.exists() and os.path.samefile(path, input_path):

@@ -289,9 +289,9 @@ def trust(p: Path) -> Path:
 
 def untrusted_problem(spec: ModelSpec, folder: Path, earlier: dict[str, ModelSpec]) -> str | None:
     """Why an entry of an untrusted project file is refused (None: it may run), see the module docstring."""
-    from .backends import BACKENDS
+    from .backends import BUILTIN
 
-    if spec.backend not in BACKENDS:
+    if spec.backend not in BUILTIN:
         return f"backend {spec.backend!r} is not built in (a third-party backend is code to import)"
     if spec.options.get("engine_args"):
         return "options.engine_args can turn on remote code and name classes to import"

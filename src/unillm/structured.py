@@ -246,8 +246,9 @@ def _tool(i: int, t: Any) -> tuple[dict[str, Any], Any]:
     validator = _validator(params, f"tools[{i}] ({name}) parameters")
     out = {"name": name, "parameters": dict(params)}
     if fn.get("description"):
-        out["description"] = str(fn["description"])
-        _unicode(out["description"], f"tools[{i}] ({name}) description")
+        description = str(fn["description"])
+        _unicode(description, f"tools[{i}] ({name}) description")
+        out["description"] = description
     return {"type": "function", "function": out}, validator
 
 

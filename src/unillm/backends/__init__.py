@@ -69,6 +69,10 @@ def _installed_entry_points() -> list[metadata.EntryPoint]:
     return out
 
 
+#: The backends unillm ships (what an untrusted project file may name).
+BUILTIN = frozenset(BACKENDS)
+
+
 def backend_info(name: str) -> BackendInfo:
     """The table entry of a backend, looking at the ``unillm.backends`` entry points for others."""
     if name in BACKENDS:

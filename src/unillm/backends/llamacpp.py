@@ -316,7 +316,7 @@ class LlamaCppBackend(ThreadedBackend):
         self._info: dict[str, Any] = {}
         self._batcher: Batcher | None = None
         self._embedder: Any = None
-        self._embed_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._embed_lock = asyncio.Lock()
 
     # -- load / close -------------------------------------------------------------------------------
 
@@ -404,16 +404,15 @@ class LlamaCppBackend(ThreadedBackend):
 
     async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
         # Not on the model's worker thread, which tokenizes every chat request: one embed() of 200 texts held
-        # chat on this model for 43 s. Embeddings have a context and a thread of their own.
-        if self._executor is None:
-            raise ModelUnloadedError(self.spec.name)
-        if self._embed_executor is None:
-            self._embed_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"unillm-embed-{self.spec.name}")
-        return await asyncio.get_running_loop().run_in_executor(self._embed_executor, self._embed, texts, truncate)  # type: ignore[no-any-return]
+        # chat on this model for 43 s. Embeddings have a context of their own, used one call at a time.
+        async with self._embed_lock:
+            if self._executor is None:
+                raise ModelUnloadedError(self.spec.name)
+            return await asyncio.to_thread(self._embed, texts, truncate)  # type: ignore[no-any-return]
 
     def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
-        """On the embedding thread: a second context of the same GGUF in embedding mode (mean pooling by
-        default, ``options.pooling``), made on the first call."""
+        """Off the loop: a second context of the same GGUF in embedding mode (mean pooling by default,
+        ``options.pooling``), made on the first call; it computes on a passing thread."""
         if self._embedder is None:
             o = self.options
             pooling = {"mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS,
@@ -443,11 +442,10 @@ class LlamaCppBackend(ThreadedBackend):
         llm, self._llm = self._llm, None
         embedder, self._embedder = self._embedder, None
         batcher, self._batcher = self._batcher, None
-        embedding, self._embed_executor = self._embed_executor, None
         if batcher is not None:
             await asyncio.to_thread(batcher.close)
-        if embedding is not None:  # after the embedding in flight, if any
-            await asyncio.to_thread(embedding.shutdown, True)
+        async with self._embed_lock:  # after the embedding in flight, if any
+            pass
         for model in (llm, embedder):
             if model is not None:
                 await asyncio.get_running_loop().run_in_executor(executor, model.close)

@@ -256,7 +256,7 @@ class VLLMBackend(Backend):
             prompt: Any = text
             if truncate and tokenizer is not None:  # the window's first tokens, as Ollama's truncate does
                 ids = (await asyncio.to_thread(tokenizer, text))["input_ids"]
-                prompt = TokensPrompt(prompt_token_ids=list(ids[:window])) if len(ids) > window else text
+                prompt = TokensPrompt(prompt_token_ids=list(ids[:window])) if len(ids) > window else text  # type: ignore[typeddict-item]
             async for out in engine.encode(prompt, PoolingParams(task="embed"), f"{new_request_id()}-{i}"):
                 pass
             assert out is not None
