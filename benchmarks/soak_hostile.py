@@ -478,9 +478,18 @@ def lifecycle(rows: Rows, skip_vllm: bool = False, **_: Any) -> None:
             from unillm import Engine
             e = Engine(); e.load("smollm2-vllm"); print("ready", flush=True); time.sleep(600)
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = script.with_suffix(".log")
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=err, text=True)
     assert proc.stdout is not None
-    proc.stdout.readline()
+    line = "-"
+    while line and line.strip() != "ready":  # vLLM logs to stdout too
+        line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.wait(60)
+        row(rows, "vLLM: engine processes left 30 s after SIGTERM of a plain script",
+            f"not measured: the script failed ({log.read_text()[-300:]!r})", "0")
+        return
     kids = [k for k in children_of(proc.pid) if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
     proc.send_signal(signal.SIGTERM)  # a plain script: no handler, no atexit
     proc.wait(60)
@@ -491,6 +500,7 @@ def lifecycle(rows: Rows, skip_vllm: bool = False, **_: Any) -> None:
     for k in left:
         os.kill(k, signal.SIGKILL)
     script.unlink()
+    log.unlink()
     row(rows, "vLLM: engine processes left 30 s after SIGTERM of a plain script", f"{len(left)} of {len(kids)}", "0")
 
 

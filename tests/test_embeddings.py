@@ -146,11 +146,18 @@ def test_batch_job_with_embed_writes_vectors_and_resumes(tmp_path):
     assert bad.returncode == 2 and "no chat parameters" in bad.stderr
 
 
-def test_vllm_pooling_runner_embeddings():
-    """An entry with task: embed starts vLLM's pooling runner; a chat entry says how to get one."""
+@pytest.mark.parametrize("has_bf16", [True, False], ids=["bf16-cpu", "float32-cpu"])
+def test_vllm_pooling_runner_embeddings(monkeypatch, has_bf16):
+    """An entry with task: embed starts vLLM's pooling runner; a chat entry says how to get one. Under both
+    dtypes that dtype auto picks on a CPU (the shipped entry's KV cache was too small for float32, which a
+    CPU without AVX512-BF16 gets)."""
     pytest.importorskip("vllm")
+    from unillm.backends import vllm as vb
+
+    monkeypatch.setattr(vb, "cpu_has_bf16", lambda: has_bf16)
     with Engine() as eng:
         r = eng.embed("smollm2-vllm-embed", [CAT, CAT2, MONEY])
+        assert eng.backend("smollm2-vllm-embed").info().get("dtype", "") in ("", "bfloat16" if has_bf16 else "float32")
         check(r.vectors)
         assert r.backend == "vllm" and r.usage.prompt_tokens > 10
         with pytest.raises(UnsupportedFeatureError) as e:

@@ -251,8 +251,10 @@ def test_auto_reads_the_models_own_call_format(model):
     chunks = list(eng.chat(name, WEATHER_Q, max_tokens=80, tools=[weather_tool()], extra=pinned("Let me check." + HERMES_CALL),
                            stream=True, **GREEDY))
     assert "".join(c.text for c in chunks) == "Let me check."
-    calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
-    assert [tc["function"]["name"] for tc in calls] == ["get_weather"]
+    calls = assemble(chunks)
+    assert [name for _, name, _ in calls] == ["get_weather"]
+    assert calls[0][2] == msg.tool_calls[0].function.arguments  # streamed as generated: the same arguments
+    assert sum(1 for c in chunks if c.choices[0].delta.tool_calls) > 2  # in more than one delta
     assert "<tool_call" not in "".join(c.text for c in chunks)
     assert chunks[-1].finish_reason == "tool_calls" and chunks[-1].usage is not None
 
@@ -307,13 +309,28 @@ def test_python_functions_as_tools(engine):
     check_call(r.choices[0].message.tool_calls[0], tool)
 
 
+def assemble(chunks) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) of each streamed tool call, its deltas joined by index as OpenAI clients do."""
+    calls: dict[int, list[str]] = {}
+    for c in chunks:
+        for d in c.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(d["index"], ["", "", ""])
+            call[0] = d.get("id") or call[0]
+            call[1] = d["function"].get("name") or call[1]
+            call[2] += d["function"].get("arguments") or ""
+    return [tuple(v) for _, v in sorted(calls.items())]  # type: ignore[misc]
+
+
 def test_stream_of_a_required_call(model):
     eng, name = model
     full = eng.chat(name, WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", **GREEDY)
     chunks = list(eng.chat(name, WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", stream=True, **GREEDY))
     deltas = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
-    assert len(deltas) == 1 and deltas[0]["index"] == 0 and deltas[0]["id"].startswith("call_")
-    assert deltas[0]["function"]["arguments"] == full.choices[0].message.tool_calls[0].function.arguments
+    assert deltas[0]["index"] == 0 and deltas[0]["id"].startswith("call_") and deltas[0]["function"]["name"] == "get_weather"
+    assert len(deltas) > 2 and all("id" not in d and "name" not in d["function"] for d in deltas[1:])  # arguments as generated
+    [(_, name, arguments)] = assemble(chunks)
+    assert arguments == full.choices[0].message.tool_calls[0].function.arguments
+    assert json.loads(arguments) == json.loads(full.choices[0].message.tool_calls[0].function.arguments)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].finish_reason == "tool_calls" and counts(chunks[-1].usage) == counts(full.usage)
     assert all(c.finish_reason is None for c in chunks[:-1])
@@ -430,3 +447,36 @@ def test_logprobs_on_llamacpp(model):
     streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs["content"]]
     assert [t["token"] for t in streamed] == [t["token"] for t in content]
     assert r.to_dict()["choices"][0]["logprobs"]["content"][0]["bytes"] == content[0]["bytes"]
+
+
+@pytest.mark.parametrize("mode", ["call", "auto"])
+def test_streamed_call_deltas_join_to_the_final_arguments_at_every_split(mode):
+    """Tool-call arguments stream as they are generated; wherever the text is split into pieces, the deltas
+    joined by index are the final call's arguments, and no tag or brace that closes the call leaks out."""
+    from unillm.structured import structure_of
+
+    tools = [weather_tool()]
+    if mode == "call":
+        s = structure_of(None, tools, "required")
+        text = '{ "name" : "get_weather" , "arguments" : { "city" : "Paris" , "unit" : "celsius" } }'
+    else:
+        s = structure_of(None, tools, "auto")
+        text = "Let me check." + HERMES_CALL
+    for cut in range(1, len(text)):
+        for pieces in ([text[:cut], text[cut:]], [text[i:i + 1] for i in range(len(text))] if cut == 1 else []):
+            if not pieces:
+                continue
+            shaper = s.streamer()
+            content, deltas = "", []
+            for piece in pieces:
+                content += shaper.feed(piece)
+                deltas += shaper.call_deltas()
+            rest, last, finish = shaper.end("m", "stop")
+            content += rest
+            deltas += last or []
+            args = "".join(d["function"].get("arguments") or "" for d in deltas)
+            msg, _ = s.finish("m", text, "stop")
+            assert finish == "tool_calls" and args == msg.tool_calls[0].function.arguments, (cut, pieces[:3])
+            assert json.loads(args) == {"city": "Paris", "unit": "celsius"}
+            assert [d["function"]["name"] for d in deltas if "name" in d["function"]] == ["get_weather"]
+            assert content == ("" if mode == "call" else "Let me check.")

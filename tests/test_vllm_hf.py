@@ -372,3 +372,22 @@ def test_vllm_logprobs_in_openai_shape(veng):
     with pytest.raises(UnsupportedFeatureError) as e:
         veng.chat("smollm2-hf", ONE_WORD, max_tokens=4, logprobs=True)
     assert "logprobs" in str(e.value)
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_shipped_vllm_entries_hold_a_whole_sequence_in_either_cpu_dtype(veng, monkeypatch, has_bf16):
+    """dtype auto is bf16 or float32 by CPU: each shipped CPU entry's KV cache must hold one sequence of its
+    context window in both, and one that cannot is refused naming the option and the size it needs."""
+    from unillm.backends import vllm as vb
+    from unillm.convert import model_folder
+
+    monkeypatch.setattr(vb, "cpu_has_bf16", lambda: has_bf16)
+    reg = Registry.load()
+    for spec in reg:
+        if spec.backend == "vllm" and spec.requires != "cuda":
+            args = vb.engine_args(spec, str(model_folder(spec)), on_gpu=False)
+            assert args.kv_cache_memory_bytes >= vb.kv_bytes(str(model_folder(spec)), args.dtype, spec.context_window)
+    small = reg.get("smollm2-vllm-embed")
+    small = small.model_copy(update={"options": {**small.options, "kv_cache_memory_bytes": 64 * 2**20, "dtype": "float32"}})
+    with pytest.raises(ModelLoadError, match="options.kv_cache_memory_bytes to at least 94371840"):
+        vb.engine_args(small, str(model_folder(small)), on_gpu=False)

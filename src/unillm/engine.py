@@ -219,8 +219,9 @@ class _Core:
                 async for piece in pieces:
                     text = shaper.feed(piece.text) if shaper is not None else piece.text
                     if piece.finish_reason is None:
-                        if text or piece.logprobs:
-                            yield chunk(Delta(role, text), piece)
+                        calls = shaper.call_deltas() if shaper is not None else None
+                        if text or piece.logprobs or calls:
+                            yield chunk(Delta(role, text if text or not calls else None, tool_calls=calls or None), piece)
                             role = None
                         continue
                     finish, calls = piece.finish_reason, None

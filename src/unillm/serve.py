@@ -372,15 +372,20 @@ def create_app(
             return error(exc, openai=False)
 
         async def parts() -> AsyncIterator[dict[str, Any]]:
+            calls: dict[int, dict[str, str]] = {}  # Ollama sends whole calls: OpenAI's deltas gathered by index
             try:
                 async for c in stream:
-                    calls = c.choices[0].delta.tool_calls
-                    if calls and key == "message":
+                    for d in c.choices[0].delta.tool_calls or []:
+                        call = calls.setdefault(d["index"], {"name": "", "arguments": ""})
+                        call["name"] = d["function"].get("name") or call["name"]
+                        call["arguments"] += d["function"].get("arguments") or ""
+                    if calls and key == "message" and c.finish_reason is not None:
                         yield {"model": c.model, "created_at": _now(), "done": False, "message": {
-                            "role": "assistant", "content": c.text, "tool_calls": [
-                                {"function": {"name": d["function"]["name"], "arguments": loads_arguments(d["function"]["arguments"])}}
-                                for d in calls]}}
-                    elif c.finish_reason is not None:
+                            "role": "assistant", "content": "", "tool_calls": [
+                                {"function": {"name": v["name"], "arguments": loads_arguments(v["arguments"])}}
+                                for _, v in sorted(calls.items())]}}
+                        calls = {}
+                    if c.finish_reason is not None:
                         yield _ollama_final(c, key, c.text)
                     elif c.text:
                         piece = {"role": "assistant", "content": c.text} if key == "message" else c.text

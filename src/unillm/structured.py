@@ -43,6 +43,8 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 #: A backend's own reader of tool calls: text -> (content outside the calls, [(name, arguments), ...]).
 ToolCallParser = Callable[[str], tuple[str, list[tuple[str, Any]]]]
 _CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+#: The start of a call object as decoding writes it (name first, then arguments), up to its arguments' text.
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 #: The Hermes / Qwen2.5 instructions, used for chat templates that do not render ``tools`` themselves.
 TOOLS_PROMPT = (
@@ -299,7 +301,7 @@ class Structure:
             return Message("assistant", text, parsed=self._json(model, text, finish_reason)), finish_reason
         if self.mode == "call":
             call = self._json(model, text, finish_reason)
-            return Message("assistant", None, tool_calls=[self._call(model, call)]), "tool_calls"
+            return Message("assistant", None, tool_calls=[self._call(model, call, written_arguments(text))]), "tool_calls"
         if parser is not None:
             content, raw = parser(text)
             calls = [self._call(model, {"name": name, "arguments": args}) for name, args in raw]
@@ -330,7 +332,7 @@ class Structure:
                     raise StructuredOutputError(model, f"the answer does not validate as {self.model_class.__name__}: {exc}", text) from exc
         return value
 
-    def _call(self, model: str, call: Any) -> ToolCall:
+    def _call(self, model: str, call: Any, written: str | None = None) -> ToolCall:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             raise StructuredOutputError(model, f"a tool call must be {{'name', 'arguments'}}, got {call!r}", json.dumps(call))
         name = call["name"]
@@ -347,7 +349,11 @@ class Structure:
         problem = _problem(validator, args)
         if problem:
             raise StructuredOutputError(model, f"the arguments of the call of {name!r} do not match its parameters: {problem}", json.dumps(call))
-        return ToolCall(new_call_id(), FunctionCall(name, json.dumps(args, ensure_ascii=False)))
+        # The arguments as the model wrote them (what a stream sends as they are generated), when that text is
+        # these arguments; else as JSON.
+        if written is None or _loads_or(written) != args:
+            written = json.dumps(args, ensure_ascii=False)
+        return ToolCall(new_call_id(), FunctionCall(name, written))
 
     def split_calls(self, model: str, text: str, finish_reason: str) -> tuple[str, list[ToolCall]]:
         """(the text outside tool calls, the calls) of an ``auto`` answer."""
@@ -357,7 +363,7 @@ class Structure:
             calls = []
             for body in _CALL_RE.findall(text):
                 try:
-                    calls.append(self._call(model, json.loads(body)))
+                    calls.append(self._call(model, json.loads(body), written_arguments(body)))
                 except ValueError as exc:
                     raise StructuredOutputError(model, f"a <tool_call> block is not JSON ({exc})", text) from exc
             return _CALL_RE.sub("", text).strip(), calls
@@ -376,10 +382,13 @@ class Structure:
 
 
 class StreamShaper:
-    """Turns a stream of generated text into content deltas and, at the end, tool calls.
+    """Turns a stream of generated text into content deltas and tool-call deltas.
 
-    ``json`` streams the JSON text as it comes and checks it at the end; ``call`` holds everything back
-    until the call is complete; ``auto`` streams text until a tool call may be starting, then holds back.
+    ``json`` streams the JSON text as it comes and checks it at the end. ``call`` streams the call as it is
+    generated: its id and name once its arguments begin, then the arguments' text as it grows (OpenAI's
+    ``tool_calls`` deltas). ``auto`` streams text until a tool call may be starting, then holds the text back
+    and streams each ``<tool_call>`` block as ``call`` does. Everything is checked at the end; calls read by a
+    backend's own parser (vLLM's) come whole, at the end.
     """
 
     def __init__(self, structure: Structure, parser: ToolCallParser | None = None) -> None:
@@ -387,9 +396,12 @@ class StreamShaper:
         self.parser = parser
         self.text = ""
         self.sent = 0
+        #: The calls streamed so far: their id, and the arguments' text sent.
+        self.calls: list[tuple[str, str]] = []
+        self._incremental = structure.mode == "call" or (structure.mode == "auto" and parser is None)
 
     def feed(self, piece: str) -> str:
-        """The content that can be streamed now."""
+        """The content that can be streamed now (the call deltas that can: :meth:`call_deltas`)."""
         self.text += piece
         if self.s.mode == "call":
             return ""
@@ -405,21 +417,100 @@ class StreamShaper:
             return min(self.sent, self.text.index(TOOL_CALL_OPEN))
         if self.text.lstrip().startswith("{"):
             return self.sent  # perhaps a bare {"name", "arguments"} call: hold back until the end
-        keep = 0
-        for n in range(min(len(TOOL_CALL_OPEN) - 1, len(self.text)), 0, -1):
-            if self.text.endswith(TOOL_CALL_OPEN[:n]):
-                keep = n
+        return len(self.text) - _partial(self.text, TOOL_CALL_OPEN)
+
+    def _regions(self) -> list[str]:
+        """The text of each call generated so far (the last one perhaps incomplete)."""
+        if self.s.mode == "call":
+            return [self.text]
+        out = []
+        for block in self.text.split(TOOL_CALL_OPEN)[1:]:
+            end = block.find(TOOL_CALL_CLOSE)
+            out.append(block[:end] if end >= 0 else block[: len(block) - _partial(block, TOOL_CALL_CLOSE)])
+        return out
+
+    def call_deltas(self) -> list[dict[str, Any]]:
+        """Tool-call deltas for what was generated since the last call: a new call's id and name, then its
+        arguments' text (all but a last ``}``, which may close the call rather than its arguments)."""
+        if not self._incremental:
+            return []
+        out: list[dict[str, Any]] = []
+        for i, region in enumerate(self._regions()):
+            parts = call_parts(region)
+            if parts is None:
                 break
-        return len(self.text) - keep
+            name, rest = parts
+            if i == len(self.calls):
+                self.calls.append((new_call_id(), ""))
+                out.append({"index": i, "id": self.calls[i][0], "type": "function", "function": {"name": name, "arguments": ""}})
+            call_id, sent = self.calls[i]
+            args = _arguments_so_far(rest)
+            if len(args) > len(sent) and args.startswith(sent):
+                out.append({"index": i, "function": {"arguments": args[len(sent):]}})
+                self.calls[i] = (call_id, args)
+        return out
 
     def end(self, model: str, finish_reason: str) -> tuple[str, list[dict[str, Any]] | None, str]:
-        """(content not yet streamed, tool-call deltas or None, finish reason) at the end of the stream."""
+        """(content not yet streamed, tool-call deltas not yet sent or None, finish reason) at the end."""
         msg, finish = self.s.finish(model, self.text, finish_reason, self.parser)
         if not msg.tool_calls:
             return self.text[self.sent :], None, finish
         rest = (msg.content or "")[self.sent :] if self.s.mode == "auto" else ""
-        deltas = [dict(index=i, **tc.to_dict()) for i, tc in enumerate(msg.tool_calls)]
+        deltas = []
+        for i, tc in enumerate(msg.tool_calls):
+            if i >= len(self.calls):
+                deltas.append(dict(index=i, **tc.to_dict()))
+                continue
+            sent = self.calls[i][1]
+            if not tc.function.arguments.startswith(sent):  # what was streamed is not what the call holds
+                raise StructuredOutputError(model, f"the streamed arguments of the call of {tc.function.name!r} are not its arguments",
+                                            self.text)
+            if len(tc.function.arguments) > len(sent):
+                deltas.append({"index": i, "function": {"arguments": tc.function.arguments[len(sent):]}})
         return rest, deltas, finish
+
+
+def call_parts(text: str) -> tuple[str, str] | None:
+    """(the name, the text after ``"arguments":``) of a call object's text, complete or not; None until its
+    arguments begin."""
+    m = _CALL_HEAD.match(text)
+    if m is None:
+        return None
+    try:
+        return json.loads(f'"{m.group(1)}"'), text[m.end():]
+    except ValueError:
+        return None
+
+
+def written_arguments(call_text: str) -> str | None:
+    """The arguments' text of a call object as the model wrote it (None: not written name first)."""
+    parts = call_parts(call_text)
+    return _arguments_so_far(parts[1]) if parts is not None else None
+
+
+def _arguments_so_far(rest: str) -> str:
+    """The arguments' text in ``rest`` (what follows ``"arguments":``), less a last ``}`` and the spaces around
+    it: that brace may close the call object (at the end it does)."""
+    s = rest.rstrip()
+    return (s[:-1] if s.endswith("}") else s).rstrip()
+
+
+def _partial(text: str, tag: str) -> int:
+    """How many trailing characters of ``text`` could be the start of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+def _loads_or(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _NOT_JSON
+
+
+_NOT_JSON = object()
 
 
 def new_call_id() -> str:

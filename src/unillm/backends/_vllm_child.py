@@ -21,11 +21,35 @@ _ORIGINAL: Any = None
 POLL_S = 0.5
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of a process, from /proc (vLLM's workers are this process's children)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [k for k, v in parents.items() if v == p]
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
 def _watch(parent: int) -> None:
     while True:
         time.sleep(POLL_S)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)  # its parent is gone: nothing will read what it computes
+        if os.getppid() != parent:  # its parent is gone: nothing will read what it computes
+            for pid in _descendants(os.getpid()):  # its workers first: killed, it could not stop them
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_engine_core(*args: Any, **kwargs: Any) -> Any:
