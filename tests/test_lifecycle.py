@@ -118,3 +118,16 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_forgotten_engine_with_a_real_model_exits_without_a_traceback():
+    """Python shuts its thread pools down before atexit handlers run, and closing a llama.cpp model uses them:
+    every script that forgot close() ended with "Exception ignored in atexit callback ... cannot schedule new
+    futures after shutdown" (the fake backend's test never uses a thread pool)."""
+    code = ("from unillm import Engine\n"
+            "e = Engine()\n"
+            "print(e.chat('smollm2', 'Hi', max_tokens=4).usage.completion_tokens)\n"
+            "# no close(): the interpreter exits\n")
+    out = run_py(code)
+    assert out.returncode == 0 and out.stdout.strip() == "4"
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr[-2000:]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -391,3 +392,41 @@ def test_shipped_vllm_entries_hold_a_whole_sequence_in_either_cpu_dtype(veng, mo
     small = small.model_copy(update={"options": {**small.options, "kv_cache_memory_bytes": 64 * 2**20, "dtype": "float32"}})
     with pytest.raises(ModelLoadError, match="options.kv_cache_memory_bytes to at least 94371840"):
         vb.engine_args(small, str(model_folder(small)), on_gpu=False)
+
+
+def test_vllms_engine_processes_end_with_a_plain_script_killed_by_sigterm(tmp_path):
+    """A script (not unillm's CLI, which handles SIGTERM) ended by SIGTERM left VLLM::EngineCore running under
+    PID 1, still computing; its engine process and workers now end with it."""
+    from test_lifecycle import alive, children_of
+
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        if __name__ == "__main__":
+            import time
+            from unillm import Engine
+            e = Engine()
+            e.load("smollm2-vllm")
+            print("ready", flush=True)
+            time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = "-"
+        while line and line.strip() != "ready":  # vLLM logs to stdout too
+            line = proc.stdout.readline()
+        assert line.strip() == "ready"
+        kids = [k for k in children_of(proc.pid) if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+        assert kids  # the engine process and its worker
+        proc.send_signal(signal.SIGTERM)  # no handler in the script: no atexit, no close()
+        proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while any(alive(k) for k in kids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert [k for k in kids if alive(k)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

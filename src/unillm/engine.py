@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 import weakref
 from collections import Counter
@@ -319,6 +320,33 @@ def _close_at_exit(ref: weakref.ReferenceType[Engine]) -> Callable[[], None]:
     return close
 
 
+#: Engines still open, closed when the interpreter ends.
+_OPEN: weakref.WeakSet[Engine] = weakref.WeakSet()
+_exit_hook = False
+
+
+def _close_open_engines() -> None:
+    for engine in list(_OPEN):
+        engine.close()
+
+
+def _register_exit_hook() -> None:
+    """Close forgotten engines before Python shuts the thread pools down. Plain ``atexit`` runs after
+    ``concurrent.futures`` has refused new work ("cannot schedule new futures after shutdown", a traceback at
+    the end of every script that did not close its Engine); ``threading._register_atexit`` hooks run before
+    it, the later-registered first."""
+    global _exit_hook
+    if _exit_hook:
+        return
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_close_open_engines)
+            _exit_hook = True
+        except RuntimeError:  # the interpreter is shutting down already
+            pass
+
+
 @dataclass(frozen=True, slots=True)
 class _Fallback:
     requested: str
@@ -377,7 +405,9 @@ class Engine:
         self._pid = os.getpid()
         # A process that ends without close() still frees its models (vLLM's engine processes above all).
         self._atexit = _close_at_exit(weakref.ref(self))
-        atexit.register(self._atexit)
+        atexit.register(self._atexit)  # where the hook below is not there
+        _OPEN.add(self)
+        _register_exit_hook()
 
     # -- chat ---------------------------------------------------------------------------------------
 
