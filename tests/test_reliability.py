@@ -23,7 +23,7 @@ import pytest
 
 from conftest import GREEDY, QUESTION, run_py
 from unillm import Engine, EngineClosedError, InvalidRequestError, ModelUnloadedError, StructuredOutputError, UnillmError
-from unillm.structured import check_bounds, grammar_form, structure_of
+from unillm.structured import grammar_form, structure_of
 
 TESTS = Path(__file__).resolve().parent
 
@@ -90,9 +90,8 @@ def test_grammar_size_limit_names_its_variable(engine, monkeypatch):
     assert engine.chat("smollm2", "hi", extra={"grammar": 'root ::= "yes"'}, max_tokens=4).text == "yes"
 
 
-def test_a_catastrophic_pattern_times_out_without_holding_other_threads(monkeypatch):
-    monkeypatch.setenv("UNILLM_REGEX_TIMEOUT", "0.5")
-    s = structure_of(schema_format({"type": "string", "pattern": "^(a|a)*$"}), None, None)
+def ticks_while(fn) -> tuple[BaseException | None, float, int]:
+    """Run ``fn`` while another thread counts 10 ms ticks: (what fn raised, seconds, ticks counted)."""
     ticks, stop = [0], threading.Event()
 
     def tick():
@@ -102,16 +101,24 @@ def test_a_catastrophic_pattern_times_out_without_holding_other_threads(monkeypa
 
     t = threading.Thread(target=tick)
     t.start()
-    started = time.perf_counter()
+    started, raised = time.perf_counter(), None
     try:
-        with pytest.raises(StructuredOutputError, match="UNILLM_REGEX_TIMEOUT"):
-            s.finish("m", json.dumps("a" * 40 + "b"), "stop")
+        fn()
+    except Exception as exc:  # noqa: BLE001 - returned to the caller
+        raised = exc
     finally:
         stop.set()
         t.join()
-    took = time.perf_counter() - started
+    return raised, time.perf_counter() - started, ticks[0]
+
+
+def test_a_catastrophic_pattern_times_out_without_holding_other_threads(monkeypatch):
+    monkeypatch.setenv("UNILLM_REGEX_TIMEOUT", "0.5")
+    s = structure_of(schema_format({"type": "string", "pattern": "^(a|a)*$"}), None, None)
+    raised, took, ticks = ticks_while(lambda: s.finish("m", json.dumps("a" * 40 + "b"), "stop"))
+    assert isinstance(raised, StructuredOutputError) and "UNILLM_REGEX_TIMEOUT" in str(raised)
     assert took < 5
-    assert ticks[0] >= 0.5 * took / 0.01  # the other thread kept running (Python's re held the GIL throughout)
+    assert ticks >= 0.5 * took / 0.01  # the other thread kept running (Python's re held the GIL throughout)
     # patternProperties and additionalProperties go through the same bounded matcher
     pp = structure_of(schema_format({"type": "object", "patternProperties": {"^(a|a)*$": {"type": "integer"}},
                                      "additionalProperties": False}), None, None)
@@ -205,22 +212,23 @@ TWO_SLOTS = """models:
 """
 
 
+async def cancel_a_waiting_request_then_unload(eng: Engine, model: str) -> list[BaseException | object]:
+    """Four long requests on a two-slot model (two run, two wait), the third cancelled, then the model
+    unloaded: what each request ended with (a TimeoutError if any was left waiting)."""
+    tasks = [asyncio.create_task(eng.achat(model, "Write a long story.", max_tokens=400, temperature=0.8)) for _ in range(4)]
+    await asyncio.sleep(1.5)
+    tasks[2].cancel()
+    await asyncio.sleep(0.2)
+    await eng.aunload(model)
+    return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+
+
 def test_a_cancelled_waiting_request_then_unload_leaves_no_request_waiting(write_config):
     """The batcher resolved a cancelled future at unload, died of InvalidStateError, and every request
     behind it waited for ever."""
-
-    async def scenario(eng: Engine) -> list[BaseException | object]:
-        long = dict(max_tokens=400, temperature=0.8)
-        tasks = [asyncio.create_task(eng.achat("two-slots", "Write a long story.", **long)) for _ in range(4)]
-        await asyncio.sleep(1.5)  # two run, two wait
-        tasks[2].cancel()
-        await asyncio.sleep(0.2)
-        await eng.aunload("two-slots")
-        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-
     with Engine(write_config(TWO_SLOTS)) as eng:
         eng.load("two-slots")
-        results = asyncio.run(scenario(eng))
+        results = asyncio.run(cancel_a_waiting_request_then_unload(eng, "two-slots"))
         assert isinstance(results[2], asyncio.CancelledError)
         for r in (results[0], results[1], results[3]):
             assert isinstance(r, ModelUnloadedError), r
@@ -358,7 +366,7 @@ def test_ctrl_c_while_unillm_chat_streams_exits_130_without_a_traceback():
 # -- unillm serve -------------------------------------------------------------------------------------------
 
 
-def _post(port: int, path: str, body: dict | bytes, timeout: float = 120) -> tuple[int, bytes]:
+def post(port: int, path: str, body: dict | bytes, timeout: float = 120) -> tuple[int, bytes]:
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -391,7 +399,7 @@ def test_abandoned_non_streaming_requests_give_their_queue_place_back(small_serv
             time.sleep(0.3)
     time.sleep(1.0)
     chat = {"model": "smollm2", "messages": QUESTION, "stream": False, "options": {"num_predict": 4}}
-    assert _post(small_server, "/api/chat", chat)[0] == 200
+    assert post(small_server, "/api/chat", chat)[0] == 200
 
 
 def test_a_half_sent_body_times_out_and_holds_no_place(small_server):
@@ -403,7 +411,7 @@ def test_a_half_sent_body_times_out_and_holds_no_place(small_server):
         socks.append(s)
     try:
         chat = {"model": "smollm2", "messages": QUESTION, "stream": False, "options": {"num_predict": 4}}
-        assert _post(small_server, "/api/chat", chat)[0] == 200  # the half-sent requests hold no place
+        assert post(small_server, "/api/chat", chat)[0] == 200  # the half-sent requests hold no place
         socks[0].settimeout(30)
         assert b" 408 " in socks[0].recv(500)  # and each gets a 408 after --body-timeout
     finally:
@@ -412,7 +420,7 @@ def test_a_half_sent_body_times_out_and_holds_no_place(small_server):
 
 
 def test_a_too_large_body_is_read_so_the_client_sees_the_413(small_server):
-    status, data = _post(small_server, "/api/chat", b'{"model": "smollm2", "x": "' + b"a" * 3_000_000 + b'"}')
+    status, data = post(small_server, "/api/chat", b'{"model": "smollm2", "x": "' + b"a" * 3_000_000 + b'"}')
     assert status == 413 and b"1000000" in data  # not a connection reset
 
 
@@ -424,7 +432,7 @@ def test_a_too_large_body_is_read_so_the_client_sees_the_413(small_server):
 ])
 def test_lone_surrogates_anywhere_are_a_400(small_server, body):
     raw = json.dumps(body).encode()  # ensure_ascii: the lone surrogate travels as \ud800
-    status, data = _post(small_server, "/api/chat", raw)
+    status, data = post(small_server, "/api/chat", raw)
     assert status == 400 and b"lone surrogate" in data
 
 
@@ -433,9 +441,9 @@ def test_ollama_mirostat_and_repeat_last_n_and_the_developer_role(engine, small_
     chat = {"model": "smollm2", "messages": [{"role": "developer", "content": "Answer briefly."},
                                             {"role": "user", "content": "What is the capital of France?"}],
             "stream": False, "options": opts}
-    status, data = _post(small_server, "/api/chat", chat)
+    status, data = post(small_server, "/api/chat", chat)
     assert status == 200, data
-    status, data = _post(small_server, "/api/chat", {**chat, "options": {**opts, "mirostat": 2}})
+    status, data = post(small_server, "/api/chat", {**chat, "options": {**opts, "mirostat": 2}})
     assert status == 400 and b"mirostat" in data and b"parallel: 1" in data  # batched models cannot; named as Ollama names it
     as_system = engine.chat("smollm2", [{"role": "system", "content": "Answer briefly."},
                                         {"role": "user", "content": "What is the capital of France?"}], max_tokens=8, **GREEDY)
@@ -446,10 +454,10 @@ def test_ollama_mirostat_and_repeat_last_n_and_the_developer_role(engine, small_
 
 def test_api_embed_honours_truncate(small_server):
     long = "word " * 5000  # over the 2,048-token window
-    status, data = _post(small_server, "/api/embed", {"model": "smollm2", "input": long})
+    status, data = post(small_server, "/api/embed", {"model": "smollm2", "input": long})
     assert status == 200 and len(json.loads(data)["embeddings"][0]) > 0  # Ollama's default: truncate
     assert json.loads(data)["prompt_eval_count"] <= 2048
-    status, data = _post(small_server, "/api/embed", {"model": "smollm2", "input": long, "truncate": False})
+    status, data = post(small_server, "/api/embed", {"model": "smollm2", "input": long, "truncate": False})
     assert status == 400 and b"truncate" in data and b"max_tokens" not in data
 
 
@@ -518,3 +526,29 @@ def test_a_dist_info_folder_in_the_current_directory_registers_no_backend(tmp_pa
                          text=True, timeout=120, env={**os.environ, "UNILLM_TRUST_PROJECT": "1"})
     assert not marker.exists()
     assert out.returncode == 2 and "unknown backend 'evil'" in out.stderr
+
+
+def test_idle_keep_alive_connections_are_closed_and_connections_bounded():
+    import http.client
+
+    from test_ollama_serve import start_server, stop
+
+    proc, url = start_server("--keep-alive", "1", "--max-connections", "50")
+    port = int(url.rsplit(":", 1)[1])
+    socks = []
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            s.recv(1000)
+            s.settimeout(10)
+            assert s.recv(100) == b""  # the idle keep-alive connection was closed by the server
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+        time.sleep(0.5)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/api/version")
+        assert conn.getresponse().status == 503  # past --max-connections
+        conn.close()
+    finally:
+        for s in socks:
+            s.close()
+        stop(proc)

@@ -123,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="generation requests in flight before new ones get 503 (default 256)")
     srv.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="time a client has to send its whole request body before a 408 (default 30)")
+    srv.add_argument("--keep-alive", type=int, default=5, metavar="SECONDS",
+                     help="an idle keep-alive connection is closed after this long (default 5)")
+    srv.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                     help="open connections and requests before new ones get 503 (default 1024)")
     _add_config(srv)
 
     tr = sub.add_parser("trust", help="trust this project's unillm.yaml as it is now (its entries may then use "
@@ -281,7 +285,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.host, args.port, args.api_key or os.environ.get("UNILLM_API_KEY"), args.config, args.load,
           allow_hosts=args.allow_host, max_body_bytes=args.max_body, max_queue=args.max_queue,
-          body_timeout=args.body_timeout, on_ready=ready)
+          body_timeout=args.body_timeout, keep_alive=args.keep_alive, max_connections=args.max_connections, on_ready=ready)
     return 0
 
 

@@ -625,9 +625,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None, config: Any = None,
-          preload: list[str] | None = None, on_ready: Callable[[], None] | None = None, **limits: Any) -> None:
+          preload: list[str] | None = None, on_ready: Callable[[], None] | None = None, *, keep_alive: int = 5,
+          max_connections: int = 1024, **limits: Any) -> None:
     """Run the server until interrupted (Ctrl-C or SIGTERM: the Engine is closed, and every model with it).
-    ``limits``: ``allow_hosts``, ``max_body_bytes``, ``max_queue``. ``on_ready`` is called once the socket is
+    ``limits``: ``allow_hosts``, ``max_body_bytes``, ``max_queue``, ``body_timeout``. An idle keep-alive
+    connection is closed after ``keep_alive`` seconds; beyond ``max_connections`` open connections and
+    requests, new ones get a 503 (uvicorn's ``limit_concurrency``). ``on_ready`` is called once the socket is
     bound and the ``preload`` models are loaded."""
     import uvicorn
 
@@ -639,7 +642,8 @@ def serve(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None
                 engine.load(name)
                 print(f"loaded {name} in {time.perf_counter() - t:.1f} s", flush=True)
             app = create_app(engine, api_key, bind_host=host, bind_port=port, **limits)
-            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10,
+                                                   timeout_keep_alive=keep_alive, limit_concurrency=max_connections))
             if on_ready is not None:
                 on_ready()
             server.run(sockets=[sock])
