@@ -207,9 +207,11 @@ _ABANDONED: set[asyncio.Future[None]] = set()
 
 
 async def abandoned_loads() -> None:
-    """Wait until every abandoned load has been freed."""
-    if _ABANDONED:
-        await asyncio.gather(*list(_ABANDONED), return_exceptions=True)
+    """Wait until every abandoned load of this loop (this Engine's) has been freed."""
+    loop = asyncio.get_running_loop()
+    mine = [t for t in _ABANDONED if t.get_loop() is loop]
+    if mine:
+        await asyncio.gather(*mine, return_exceptions=True)
 
 
 class ThreadedBackend(Backend):
