@@ -454,8 +454,8 @@ class LlamaCppBackend(ThreadedBackend):
     # -- generation ---------------------------------------------------------------------------------
 
     def _sampling(self, llm: Any, request: Request, failures: list[BaseException]) -> dict[str, Any]:
-        """The call's sampling options for llama.cpp; a grammar is checked (size, nesting, that it parses) and
-        ``grammar_text`` holds its GBNF."""
+        """The call's sampling options for llama.cpp; a grammar's size and nesting are checked, and
+        ``grammar_text`` holds its GBNF (whoever makes its sampler learns whether it parses)."""
         kw = extra_sampling(request.params.extra)
         if kw["repeat_last_n"] == -1:
             kw["repeat_last_n"] = self.spec.context_window
@@ -477,8 +477,7 @@ class LlamaCppBackend(ThreadedBackend):
             if not isinstance(text, str):
                 raise InvalidRequestError("extra grammar must be GBNF text or a llama_cpp.LlamaGrammar")
             check_grammar_bounds(text, what)
-            llama_cpp.llama_sampler_free(grammar_sampler(llm, text, what))  # parses, or InvalidRequestError
-            kw["grammar"], kw["grammar_text"] = llama_cpp.LlamaGrammar.from_string(text, verbose=False), text
+            kw["grammar"], kw["grammar_text"] = llama_cpp.LlamaGrammar.from_string(text, verbose=False), (text, what)
         if kw["logits_processor"] is not None:
             procs = kw["logits_processor"]
             procs = list(procs) if isinstance(procs, (list, tuple)) else [procs]
@@ -507,7 +506,8 @@ class LlamaCppBackend(ThreadedBackend):
         llm = self._model()
         failures: list[BaseException] = []
         kw = self._sampling(llm, request, failures)
-        kw.pop("grammar_text")
+        if (grammar := kw.pop("grammar_text")) is not None:  # Llama makes its own sampler: parse it here first
+            llama_cpp.llama_sampler_free(grammar_sampler(llm, *grammar))
         llm.last_n_tokens_size = kw.pop("repeat_last_n")  # read by generate's sampler; one request at a time here
         tokens, max_tokens, stops = self._tokens(llm, request)
         p = request.params
@@ -547,7 +547,7 @@ class LlamaCppBackend(ThreadedBackend):
         tokens, max_tokens, stops = self._tokens(llm, request)
         text = sampling.pop("grammar_text")
         # The grammar's sampler is made here, not on the batcher's thread: every sequence waits for that one.
-        grammar = grammar_sampler(llm, text) if text is not None else None
+        grammar = grammar_sampler(llm, *text) if text is not None else None
         return SeqJob(request, tokens, TokenText(request, len(tokens), max_tokens, stops), sampling, emit, cancel, grammar)
 
     async def _start(
@@ -557,5 +557,12 @@ class LlamaCppBackend(ThreadedBackend):
         if self._batcher is None:
             return self._submit(self._run, request, cancel, emit)
         job: SeqJob = await self._submit(self._job, request, cancel, emit)
-        self._batcher.submit(job)
+        try:
+            if self._batcher is None:
+                raise ModelUnloadedError(self.spec.name)
+            self._batcher.submit(job)
+        except ModelUnloadedError:  # unloaded meanwhile: the batcher never owned the job's grammar
+            if job.grammar is not None:
+                llama_cpp.llama_sampler_free(job.grammar)
+            raise
         return asyncio.wrap_future(job.future)
