@@ -197,6 +197,8 @@ class _Output:
 
     def __init__(self, path: Path, input_path: Path) -> None:
         self.path = path
+        #: Where the lock holder's PID is written, for the error a second job gets.
+        self.pid_file = path.with_name(f".{path.name}.lock")
         if path.exists() and not path.is_file() and not path.is_dir():  # a folder: open() says so
             raise JobError(f"the output {path} is not a regular file: a job reads its output back to resume, "
                            "so write to a file (then cat it)")
@@ -226,18 +228,16 @@ class _Output:
     def _lock(self) -> None:
         import fcntl
 
-        pid_file = self.path.with_name(f".{self.path.name}.lock")
         try:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                holder = pid_file.read_text().strip() or "unknown"
+                holder = self.pid_file.read_text().strip() or "unknown"
             except OSError:
                 holder = "unknown"
             raise JobError(f"another job (PID {holder}) is writing {self.path}; wait for it, or give another -o") from None
         with contextlib.suppress(OSError):
-            pid_file.write_text(f"{os.getpid()}\n")
-        self.pid_file = pid_file
+            self.pid_file.write_text(f"{os.getpid()}\n")
 
     def append(self, line: str) -> None:
         if self.broken is not None:
@@ -272,8 +272,7 @@ class _Output:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            if getattr(self, "pid_file", None) is not None:
-                self.pid_file.unlink()
+            self.pid_file.unlink()
         self.file.close()
 
 
