@@ -358,7 +358,8 @@ def test_parameters_are_defined_once():
     import sys
 
     from unillm.registry import SamplingDefaults
-    from unillm.serve import _OLLAMA_OPTIONS, _OPENAI_PARAMS
+    from unillm.serve.ollama_api import OLLAMA_OPTIONS as _OLLAMA_OPTIONS
+    from unillm.serve.openai_api import OPENAI_PARAMS as _OPENAI_PARAMS
 
     flagged = [p.flags[-1] for p in PARAMS.values() if p.flags]
     for command in ("chat", "batch"):

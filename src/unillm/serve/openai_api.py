@@ -1,0 +1,140 @@
+"""The OpenAI API: ``/v1/models``, ``/v1/chat/completions`` (SSE streaming) and ``/v1/embeddings``; its
+request bodies and their conversion to the engine's parameters (a field unillm would not honour is a 400).
+
+Example:
+    >>> openai_params({"model": "m", "messages": [], "max_completion_tokens": 8, "temperature": 0})
+    {'temperature': 0, 'max_tokens': 8}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Optional
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import InvalidRequestError, UnillmError
+from ..params import PARAMS
+from .wire import typed
+
+if TYPE_CHECKING:
+    from .app import Server
+
+#: OpenAI chat-completion fields that are unillm chat parameters under the same name.
+OPENAI_PARAMS = [name for name in PARAMS if name != "extra"]
+#: OpenAI fields accepted when they ask for nothing unillm would do differently, and what that value is.
+NEUTRAL: dict[str, Any] = {
+    "logit_bias": {},
+}
+#: OpenAI fields that do not change the answer.
+IGNORED = {"model", "messages", "stream", "stream_options", "user", "max_completion_tokens", "metadata", "store",
+           "service_tier", "parallel_tool_calls"}
+#: Endpoints of OpenAI's API that unillm does not implement: a 501 that names them.
+NOT_IMPLEMENTED = ("/v1/completions",)
+
+
+class OpenAIBody(BaseModel):
+    """The top-level types of /v1/chat/completions; each parameter's value is checked by unillm.params."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    messages: list[Any]
+    stream: StrictBool = False
+    stream_options: Optional[dict[str, Any]] = None
+
+
+def openai_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat parameters of an OpenAI request; a field unillm would not honour is a 400 naming it."""
+    unknown = set(body) - set(OPENAI_PARAMS) - set(NEUTRAL) - IGNORED
+    if unknown:
+        raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
+    for name, neutral in NEUTRAL.items():
+        if body.get(name) not in (None, neutral):
+            raise InvalidRequestError(f"{name}={body[name]!r} is not supported by unillm (only {neutral!r})")
+    params = {k: body[k] for k in OPENAI_PARAMS if body.get(k) is not None}
+    mt = body.get("max_completion_tokens", body.get("max_tokens"))
+    if mt is not None:
+        params["max_tokens"] = mt
+    return params
+
+
+def model_object(name: str) -> dict[str, Any]:
+    """A model in OpenAI's shape."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "unillm"}
+
+
+def routes(server: Server) -> list[Route]:
+    """The OpenAI API's routes over ``server``."""
+    engine = server.engine
+
+    async def chat(request: Request) -> Response:
+        try:
+            body = await server.body_of(request)
+            req = typed(OpenAIBody, body)
+            model, messages, params = req.model, req.messages, openai_params(body)
+            server.check_not_self(model)
+            if not req.stream:
+                return JSONResponse((await engine.achat(model, messages, **params)).to_dict())
+            stream = await engine.achat(model, messages, stream=True, **params)
+        except UnillmError as exc:
+            return server.error(exc, openai=True)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for c in stream:
+                    d = c.to_dict()
+                    if not include_usage:
+                        d.pop("usage", None)
+                    yield f"data: {json.dumps(d)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+            except UnillmError as exc:
+                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n".encode()
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def v1_chat(request: Request) -> Response:
+        return await server.admitted(request, lambda: chat(request), openai=True)
+
+    async def v1_models(request: Request) -> Response:
+        names = await asyncio.to_thread(server.runnable_names)  # may ask an Ollama daemon, or nvidia-smi
+        return JSONResponse({"object": "list", "data": [model_object(n) for n in names]})
+
+    async def v1_model(request: Request) -> Response:
+        try:
+            spec = engine.registry.get(request.path_params["model"])
+        except UnillmError as exc:
+            return server.error(exc, openai=True)
+        return JSONResponse(model_object(spec.name))
+
+    async def v1_embeddings(request: Request) -> Response:
+        try:
+            body = await server.body_of(request)
+            fmt = body.get("encoding_format") or "float"
+            if fmt not in ("float", "base64"):
+                raise InvalidRequestError(f"encoding_format {fmt!r}: use float or base64")
+            r = await server.embeddings(body, "input", {"model", "input", "encoding_format", "user", "dimensions"})
+        except UnillmError as exc:
+            return server.error(exc, openai=True)
+        out = r.to_dict()
+        if fmt == "base64":  # what the OpenAI SDK asks for by default: little-endian float32
+            for d in out["data"]:
+                d["embedding"] = base64.b64encode(struct.pack(f"<{len(d['embedding'])}f", *d["embedding"])).decode()
+        return JSONResponse(out)
+
+    return [
+        Route("/v1/models", v1_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
+        Route("/v1/chat/completions", v1_chat, methods=["POST"]),
+        Route("/v1/embeddings", v1_embeddings, methods=["POST"]),
+    ]

@@ -1,0 +1,81 @@
+"""What every wire API of ``unillm serve`` shares: typed request bodies, HTTP status by error, time fields and
+streamed JSON lines.
+
+Example:
+    >>> from unillm.errors import UnknownModelError
+    >>> status(UnknownModelError("nope", []))
+    404
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.responses import StreamingResponse
+
+from ..errors import (
+    BackendNotInstalledError,
+    BackendUnavailableError,
+    InvalidRequestError,
+    ModelLoadError,
+    UnillmError,
+    UnknownModelError,
+    UnsupportedFeatureError,
+)
+
+
+class BodyTimeout(InvalidRequestError):
+    """The client did not send its whole body in time (HTTP 408)."""
+
+
+def status(exc: UnillmError) -> int:
+    """The HTTP status of an error."""
+    if isinstance(exc, BodyTimeout):
+        return 408
+    if isinstance(exc, UnknownModelError):
+        return 404
+    if isinstance(exc, (InvalidRequestError, UnsupportedFeatureError)):
+        return 400
+    if isinstance(exc, (BackendUnavailableError, BackendNotInstalledError, ModelLoadError)):
+        return 503
+    return 500
+
+
+def typed(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """A request body as its typed model; the first problem is an InvalidRequestError naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InvalidRequestError(f"{field}: {msg}") from None
+
+
+def now() -> str:
+    """The current UTC time as Ollama writes it (``2026-01-01T12:00:00.000000Z``)."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def ns(seconds: float | None) -> int:
+    """Seconds as integer nanoseconds (Ollama's durations)."""
+    return int((seconds or 0.0) * 1e9)
+
+
+def ndjson(gen: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """A stream of JSON objects, one per line."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for obj in gen:
+            yield (json.dumps(obj) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def one(obj: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """A stream of one object."""
+    yield obj
