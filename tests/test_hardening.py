@@ -81,8 +81,8 @@ def test_close_during_a_stream_raises_in_the_stream():
 
 
 def test_batch_job_records_a_cut_request_as_an_error(tmp_path):
-    from unillm.jobs import result_record
-    from unillm.batch import BatchResult
+    from unillm.records import result_record
+    from unillm.types import BatchResult
 
     rec = result_record("a", "smollm2", BatchResult(0, error=ModelUnloadedError("smollm2")))
     assert rec["error"]["type"] == "ModelUnloadedError" and "answer" not in rec

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, UnillmError
 from .options import HFOptions, LlamaCppOptions, VLLMOptions, parse_options
+from .records import embed_each, result_record
+from .types import BatchResult
 
 if TYPE_CHECKING:
     from .registry import ModelSpec
@@ -140,15 +142,13 @@ class Replica:
             self.load_error = exc
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from .batch import BatchResult
-        from .jobs import _embed_each, result_record
 
         ids = [str(i) for i in batch["id"]]
         if self.load_error is not None:
             return {"id": ids[:1], "record": [""], "fatal": [pickle.dumps(self.load_error)]}
         inputs = [json.loads(s) for s in batch["input"]]
         if self.embed:
-            results = _embed_each(self.engine, self.model, inputs, lambda _: None, progress=False)
+            results = embed_each(self.engine, self.model, inputs, lambda _: None, progress=False)
         else:
             results = self.engine.batch(self.model, inputs, progress=False, **self.params)
         records = []

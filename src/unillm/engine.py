@@ -22,6 +22,7 @@ import threading
 import time
 import weakref
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
@@ -29,7 +30,6 @@ from typing import Any, Literal, overload
 from typing_extensions import Unpack
 
 from .backends import backend_class
-from .batch import BatchResult, run_batch
 from .backends.base import Backend, Generation, Piece, Request, abandoned_loads, new_request_id
 from .errors import (
     BackendNotInstalledError,
@@ -48,6 +48,7 @@ from .registry import ModelSpec, Registry
 from .structured import Structure, ToolCallParser
 from .system import give_memory_back, hardware_problem
 from .types import (
+    BatchResult,
     ChatCompletion,
     ChatCompletionChunk,
     Choice,
@@ -180,6 +181,56 @@ class _Core:
             requested_model=fallback.requested if fallback else None,
             fallback_reason=fallback.reason if fallback else None,
         )
+
+    async def batch(
+        self, model: str, items: Sequence[Messages], params: dict[str, Any], *, progress: bool = True,
+        concurrency: int | None = None, on_result: Callable[[BatchResult], None] | None = None,
+    ) -> list[BatchResult]:
+        """Many items through one model, in input order, one failure isolated, with a progress bar. Loads the
+        model first: a model that cannot load fails the whole batch."""
+        from tqdm.auto import tqdm
+
+        _, backend, _, _ = await self.serving(model)
+        gate = asyncio.Semaphore(concurrency or backend.max_concurrency() or len(items) or 1)
+        started = time.perf_counter()
+        done = failed = tokens = 0
+        bar = tqdm(total=len(items), desc=model, unit="doc", disable=not progress, dynamic_ncols=True)
+        # on_result (a job appends and fsyncs each record) runs on one thread of its own, in completion order:
+        # never on the loop that all models share.
+        callbacks = ThreadPoolExecutor(1, thread_name_prefix="unillm-on-result") if on_result is not None else None
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int, item: Messages) -> BatchResult:
+            nonlocal done, failed, tokens
+            async with gate:
+                try:
+                    res = BatchResult(i, response=await self.chat(model, item, params))
+                except UnillmError as exc:
+                    res = BatchResult(i, error=exc)
+            if isinstance(res.response, ChatCompletion):
+                done += 1
+                tokens += res.response.usage.completion_tokens
+            else:
+                failed += 1
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix_str(f"{tokens / elapsed if elapsed > 0 else 0.0:.1f} tok/s, {failed} failed", refresh=False)
+            if on_result is not None:
+                await loop.run_in_executor(callbacks, on_result, res)
+            return res
+
+        tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:  # on_result failed (a job cannot keep its output) or the caller gave up: stop them all
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            bar.close()
+            if callbacks is not None:
+                callbacks.shutdown(wait=False)
 
     async def open_stream(self, model: str, messages: Messages, params: dict[str, Any]) -> AsyncGenerator[ChatCompletionChunk, None]:
         """Start a stream and wait for its first chunk, so that bad requests fail here, not later."""
@@ -495,7 +546,7 @@ class Engine:
         """
         self._check_open()
         return self._loop.run(
-            run_batch(self._core, model, items, dict(params), progress=progress, concurrency=concurrency, on_result=on_result)
+            self._core.batch(model, items, dict(params), progress=progress, concurrency=concurrency, on_result=on_result)
         )
 
     async def abatch(
@@ -505,7 +556,7 @@ class Engine:
         """The async twin of :meth:`batch`."""
         self._check_open()
         return await self._loop.run_async(
-            run_batch(self._core, model, items, dict(params), progress=progress, concurrency=concurrency, on_result=on_result)
+            self._core.batch(model, items, dict(params), progress=progress, concurrency=concurrency, on_result=on_result)
         )
 
     # -- embeddings ---------------------------------------------------------------------------------

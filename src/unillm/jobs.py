@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .batch import BatchResult
-from .errors import ConfigError, InvalidRequestError, JobError, UnillmError
-from .types import EmbeddingResponse
+from .errors import ConfigError, InvalidRequestError, JobError
+from .records import embed_each, result_record
+from .types import BatchResult
 
 if TYPE_CHECKING:
     from .cluster import RayConfig
@@ -124,47 +124,6 @@ def to_messages(record: dict[str, Any], template: string.Template, text_field: s
         return template.substitute({**{k: str(v) for k, v in record.items()}, "text": str(record[text_field])})
     except (KeyError, ValueError) as exc:
         raise InvalidRequestError(f"the template needs field {exc} that the record lacks") from exc
-
-
-def _embed_each(engine: Any, model: str, items: list[Any], write: Any, progress: bool) -> list[BatchResult]:
-    """One vector per record (one call each, so each record's usage is its own and a failure is its own)."""
-    from tqdm.auto import tqdm
-
-    results = []
-    for i, item in enumerate(tqdm(items, desc=model, unit="doc", disable=not progress, dynamic_ncols=True)):
-        try:
-            if not isinstance(item, str):
-                raise InvalidRequestError("an embedding job reads the record's text field, not 'messages'")
-            res = BatchResult(i, response=engine.embed(model, item))
-        except UnillmError as exc:
-            res = BatchResult(i, error=exc)
-        write(res)
-        results.append(res)
-    return results
-
-
-def result_record(rid: str, model: str, res: BatchResult) -> dict[str, Any]:
-    if isinstance(res.response, EmbeddingResponse):
-        e = res.response
-        return {"id": rid, "model": e.model, "embedding": e.data[0].embedding, "usage": {"prompt_tokens": e.usage.prompt_tokens}}
-    if res.response is not None:
-        r = res.response
-        out: dict[str, Any] = {
-            "id": rid, "model": r.model, "answer": r.text, "finish_reason": r.finish_reason,
-            "usage": r.usage.to_dict(), "timings": r.timings.to_dict(),
-        }
-        msg = r.choices[0].message
-        if len(r.choices) > 1:  # n > 1: every answer
-            out["answers"] = [c.message.content for c in r.choices]
-        if msg.parsed is not None:
-            out["parsed"] = msg.parsed.model_dump(mode="json") if hasattr(msg.parsed, "model_dump") else msg.parsed
-        if msg.tool_calls:
-            out["tool_calls"] = [c.to_dict() for c in msg.tool_calls]
-        if r.requested_model:
-            out["requested_model"], out["fallback_reason"] = r.requested_model, r.fallback_reason
-        return out
-    assert res.error is not None
-    return {"id": rid, "model": model, "error": {"type": type(res.error).__name__, "message": str(res.error)}}
 
 
 def read_records(lines: Iterable[bytes | str]) -> list[tuple[int, dict[str, Any] | None, str | None]]:
@@ -373,7 +332,7 @@ def _run(
     if ray_config is not None:
         _run_on_ray(engine, model, todo, params, embed, ray_config, emit, progress, summary)
     elif embed:
-        _embed_each(engine, model, [m for _, m in todo], write, progress)
+        embed_each(engine, model, [m for _, m in todo], write, progress)
     elif todo:
         engine.batch(model, [m for _, m in todo], progress=progress, on_result=write, **params)
     summary.seconds = time.perf_counter() - t0

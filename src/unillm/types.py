@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import UnillmError
+
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
@@ -280,3 +282,26 @@ class EmbeddingResponse:
             "data": [{"object": d.object, "index": d.index, "embedding": d.embedding} for d in self.data],
             "usage": {"prompt_tokens": self.usage.prompt_tokens, "total_tokens": self.usage.prompt_tokens},
         }
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """The outcome of one item of a batch: a response, or the error that item alone met.
+
+    Example:
+        >>> r = BatchResult(0, error=None, response=None)
+        >>> r.ok, r.text
+        (True, None)
+    """
+
+    index: int
+    response: ChatCompletion | EmbeddingResponse | None = None
+    error: UnillmError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def text(self) -> str | None:
+        return self.response.text if isinstance(self.response, ChatCompletion) else None
