@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, UnillmError
-from .options import HFOptions, LlamaCppOptions, VLLMOptions, parse_options
+from .backends import backend_info
+from .options import parse_options
 from .records import embed_each, result_record
 from .types import BatchResult
 
@@ -75,7 +76,8 @@ class RayConfig:
 
 
 def replica_resources(spec: ModelSpec, cluster_has_gpus: bool, config: RayConfig = RayConfig()) -> dict[str, float]:
-    """The Ray resources one replica of ``spec`` asks for (``num_cpus``, ``num_gpus``).
+    """The Ray resources one replica of ``spec`` asks for (``num_cpus``, ``num_gpus``), as its backend's
+    descriptor in :data:`unillm.backends.BACKENDS` says.
 
     llama.cpp: its ``n_threads`` CPUs (else 1; the replica then runs that many threads), and one GPU where
     the cluster has GPUs and layers are offloaded. vLLM: ``tensor_parallel_size x pipeline_parallel_size``
@@ -86,36 +88,30 @@ def replica_resources(spec: ModelSpec, cluster_has_gpus: bool, config: RayConfig
     """
     if spec.requires == "cuda" and not cluster_has_gpus and config.gpus is None:
         raise ConfigError(f"model {spec.name!r} needs a CUDA GPU (requires: cuda) and the Ray cluster has none")
+    info = backend_info(spec.backend)
     cpus, gpus = 1.0, 0.0
-    if spec.backend == "llamacpp":
-        o = parse_options(LlamaCppOptions, spec)
-        cpus = float(o.n_threads or 1)
-        gpus = 1.0 if cluster_has_gpus and o.n_gpu_layers != 0 else 0.0
-    elif spec.backend == "vllm":
-        v = parse_options(VLLMOptions, spec)
-        if cluster_has_gpus and v.distributed_executor_backend != "ray":
-            gpus = float(v.tensor_parallel_size * v.pipeline_parallel_size)
-    elif spec.backend == "hf":
-        gpus = 1.0 if cluster_has_gpus and parse_options(HFOptions, spec).device != "cpu" else 0.0
+    if info.options is not None and info.resources is not None:
+        cpus, gpus = info.resources(parse_options(info.options, spec), cluster_has_gpus)
     return {"num_cpus": config.cpus if config.cpus is not None else cpus,
             "num_gpus": config.gpus if config.gpus is not None else gpus}
 
 
 def batch_size_for(spec: ModelSpec, config: RayConfig) -> int:
+    """Records per Ray task: the config's, else the model's slots (at most 64), else :data:`DEFAULT_BATCH`."""
     if config.batch_size:
         return config.batch_size
-    if spec.backend == "llamacpp":
-        return min(64, parse_options(LlamaCppOptions, spec).parallel)
-    if spec.backend == "vllm":
-        return min(64, parse_options(VLLMOptions, spec).max_num_seqs)
+    info = backend_info(spec.backend)
+    if info.options is not None and info.slots is not None:
+        return min(64, info.slots(parse_options(info.options, spec)))
     return DEFAULT_BATCH
 
 
 def replica_spec(spec: ModelSpec, cpus: float) -> ModelSpec:
     """The entry a replica loads: a llama.cpp model without ``n_threads`` runs as many threads as the CPUs
     Ray gave the replica (not every CPU of the node, which its neighbours share)."""
-    if spec.backend == "llamacpp" and "n_threads" not in spec.options and cpus >= 1:
-        return spec.model_copy(update={"options": {**spec.options, "n_threads": int(cpus)}})
+    option = backend_info(spec.backend).threads_option
+    if option is not None and option not in spec.options and cpus >= 1:
+        return spec.model_copy(update={"options": {**spec.options, option: int(cpus)}})
     return spec
 
 

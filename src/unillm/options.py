@@ -2,9 +2,11 @@
 imported): checked when the registry loads, so that a typo shows in ``unillm models`` and not at the first
 chat, and parsed again by the backend that uses them.
 
+Which backend takes which model is in :data:`unillm.backends.BACKENDS`.
+
 Example:
-    >>> from unillm.options import OPTIONS
-    >>> OPTIONS["llamacpp"].model_validate({"parallel": 4}).parallel
+    >>> from unillm.options import LlamaCppOptions
+    >>> LlamaCppOptions.model_validate({"parallel": 4}).parallel
     4
 """
 
@@ -90,11 +92,6 @@ class OllamaOptions(BaseModel):
     llamacpp: LlamaCppOptions = LlamaCppOptions()
 
 
-#: The options model of each built-in backend.
-OPTIONS: dict[str, type[BaseModel]] = {
-    "llamacpp": LlamaCppOptions, "vllm": VLLMOptions, "hf": HFOptions, "ollama": OllamaOptions,
-}
-
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
@@ -107,16 +104,3 @@ def parse_options(model: type[OptionsT], spec: ModelSpec) -> OptionsT:
         key = "options." + ".".join(str(p) for p in err["loc"])
         msg = f"unknown key for the {spec.backend} backend" if err["type"] == "extra_forbidden" else err["msg"]
         raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc
-
-
-def check_options(spec: ModelSpec) -> None:
-    """Check an entry's backend name and options when the registry loads (third-party backends check their
-    own options when they load)."""
-    from .backends import backend_info
-
-    try:
-        backend_info(spec.backend)
-    except ConfigError as exc:
-        raise ConfigError(f"model {spec.name!r}: {exc}", path=spec.config_file, key="backend") from None
-    if spec.backend in OPTIONS:
-        parse_options(OPTIONS[spec.backend], spec)

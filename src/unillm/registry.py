@@ -49,7 +49,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError, InvalidRequestError, ModelLoadError, UnknownModelError
-from .options import check_options
+from .backends import BUILTIN, check_options
 from .params import PARAMS
 
 Number = Union[int, float]
@@ -289,8 +289,6 @@ def trust(p: Path) -> Path:
 
 def untrusted_problem(spec: ModelSpec, folder: Path, earlier: dict[str, ModelSpec]) -> str | None:
     """Why an entry of an untrusted project file is refused (None: it may run), see the module docstring."""
-    from .backends import BUILTIN
-
     if spec.backend not in BUILTIN:
         return f"backend {spec.backend!r} is not built in (a third-party backend is code to import)"
     if spec.options.get("engine_args"):

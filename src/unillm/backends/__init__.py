@@ -1,12 +1,17 @@
-"""Backends are found by name through a table of import paths, imported only when first used.
+"""The backends, one descriptor each in :data:`BACKENDS`: where the class lives (imported only when first
+used), the library it needs and the extra that installs it, its registry options model, and what one Ray
+replica of it asks for. The registry, ``options``, the cluster runner and ``unillm doctor`` all read this table.
 
 Third-party backends register under the entry-point group ``unillm.backends``
-(``name = "package.module:BackendClass"``).
+(``name = "package.module:BackendClass"``); they check their own options when they load.
 
 Example:
     >>> from unillm.backends import BACKENDS
     >>> BACKENDS["llamacpp"].extra
     'llamacpp'
+    >>> info = BACKENDS["llamacpp"]
+    >>> info.resources(info.options.model_validate({"n_threads": 4, "n_gpu_layers": 0}), True)
+    (4.0, 0.0)
 """
 
 from __future__ import annotations
@@ -14,14 +19,22 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from ..errors import BackendNotInstalledError, ConfigError
+from ..options import HFOptions, LlamaCppOptions, OllamaOptions, VLLMOptions, parse_options
 
 if TYPE_CHECKING:
+    from ..registry import ModelSpec
     from .base import Backend
+
+#: One Ray replica's (CPUs, GPUs), from its parsed options and whether the cluster has GPUs.
+Resources = Callable[[Any, bool], "tuple[float, float]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +46,14 @@ class BackendInfo:
     module: str  # the library it imports
     distribution: str  # the pip name of that library
     extra: str  # the unillm extra that installs it
+    #: The model of its registry ``options`` (None: a third-party backend, which checks its own).
+    options: type[BaseModel] | None = None
+    #: What one Ray replica asks for (default: 1 CPU, no GPU: the work happens elsewhere).
+    resources: Resources | None = None
+    #: How many sequences one replica decodes at once, from its options (None: not batched).
+    slots: Callable[[Any], int] | None = None
+    #: The option that sets its CPU threads, which a Ray replica sets to the CPUs Ray gave it.
+    threads_option: str | None = None
 
     def installed(self) -> bool:
         try:
@@ -47,11 +68,32 @@ class BackendInfo:
             return None
 
 
+def _llamacpp_resources(o: LlamaCppOptions, cluster_gpus: bool) -> tuple[float, float]:
+    """Its ``n_threads`` CPUs (else 1), and one GPU where the cluster has them and layers are offloaded."""
+    return float(o.n_threads or 1), 1.0 if cluster_gpus and o.n_gpu_layers != 0 else 0.0
+
+
+def _vllm_resources(o: VLLMOptions, cluster_gpus: bool) -> tuple[float, float]:
+    """``tensor_parallel_size x pipeline_parallel_size`` GPUs for its workers, none for the replica itself with
+    ``distributed_executor_backend: ray`` (vLLM then asks Ray for its GPU workers); 1 CPU."""
+    if cluster_gpus and o.distributed_executor_backend != "ray":
+        return 1.0, float(o.tensor_parallel_size * o.pipeline_parallel_size)
+    return 1.0, 0.0
+
+
+def _hf_resources(o: HFOptions, cluster_gpus: bool) -> tuple[float, float]:
+    """One GPU on a GPU cluster unless ``device: cpu``."""
+    return 1.0, 1.0 if cluster_gpus and o.device != "cpu" else 0.0
+
+
 BACKENDS: dict[str, BackendInfo] = {
-    "llamacpp": BackendInfo("llamacpp", "unillm.backends.llamacpp:LlamaCppBackend", "llama_cpp", "llama-cpp-python", "llamacpp"),
-    "vllm": BackendInfo("vllm", "unillm.backends.vllm:VLLMBackend", "vllm", "vllm", "vllm"),
-    "hf": BackendInfo("hf", "unillm.backends.hf:HFBackend", "transformers", "transformers", "hf"),
-    "ollama": BackendInfo("ollama", "unillm.backends.ollama:OllamaBackend", "ollama", "ollama", "ollama"),
+    "llamacpp": BackendInfo("llamacpp", "unillm.backends.llamacpp:LlamaCppBackend", "llama_cpp", "llama-cpp-python",
+                            "llamacpp", LlamaCppOptions, _llamacpp_resources, lambda o: o.parallel, "n_threads"),
+    "vllm": BackendInfo("vllm", "unillm.backends.vllm:VLLMBackend", "vllm", "vllm", "vllm", VLLMOptions,
+                        _vllm_resources, lambda o: o.max_num_seqs),
+    "hf": BackendInfo("hf", "unillm.backends.hf:HFBackend", "transformers", "transformers", "hf", HFOptions, _hf_resources),
+    # Ollama: the daemon does the work; a replica only talks to it.
+    "ollama": BackendInfo("ollama", "unillm.backends.ollama:OllamaBackend", "ollama", "ollama", "ollama", OllamaOptions),
 }
 
 
@@ -98,3 +140,14 @@ def backend_class(name: str, model: str | None = None) -> type[Backend]:
             raise  # a bug in unillm, not a missing library: say what it is
         raise BackendNotInstalledError(info.name, info.distribution, info.extra, model) from exc
     return getattr(module, cls_name)  # type: ignore[no-any-return]
+
+
+def check_options(spec: ModelSpec) -> None:
+    """Check an entry's backend name and options when the registry loads (third-party backends check their
+    own options when they load)."""
+    try:
+        info = backend_info(spec.backend)
+    except ConfigError as exc:
+        raise ConfigError(f"model {spec.name!r}: {exc}", path=spec.config_file, key="backend") from None
+    if info.options is not None:
+        parse_options(info.options, spec)
