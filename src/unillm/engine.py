@@ -42,7 +42,8 @@ from .errors import (
     UnillmError,
     UnsupportedFeatureError,
 )
-from .params import ChatParams, merge_params, validate_messages
+from .messages import validate_messages
+from .params import ChatParams, merge_params
 from ._loop import LoopThread
 from .registry import ModelSpec, Registry
 from .structured import Structure, ToolCallParser

@@ -7,9 +7,7 @@ Unpack[ChatParams]``), :func:`merge_params`, the registry's ``defaults``, the CL
 serve`` all read :data:`PARAMS`, which is derived from it.
 
 Example:
-    >>> from unillm.params import validate_messages, merge_params
-    >>> validate_messages([{"role": "user", "content": "hi"}])[0].content
-    'hi'
+    >>> from unillm.params import merge_params
     >>> merge_params({"temperature": 0.3}, {"max_tokens": 8}).temperature
     0.3
     >>> sorted(n for n, p in PARAMS.items() if p.registry_default)
@@ -25,12 +23,9 @@ from typing import Annotated, Any, Literal, Union, get_type_hints
 
 from .errors import ContextWindowExceededError, InvalidRequestError
 from .limits import limit, over
-from .types import Message
+from .structured import Structure, structure_of
 
 from typing_extensions import TypedDict
-
-ROLES = ("system", "user", "assistant", "tool")
-
 
 def _check_number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -173,47 +168,7 @@ class SamplingParams:
     extra: dict[str, Any] = field(default_factory=dict)
     max_tokens_given: bool = False
     #: What the answer must look like (a JSON schema, tool calls); see :mod:`unillm.structured`.
-    structure: Any = None
-
-
-def validate_messages(messages: Sequence[Mapping[str, Any] | Message] | str) -> list[Message]:
-    """Check roles and contents; a plain string is one user message.
-
-    Messages take the shapes OpenAI code sends back: an assistant message with ``tool_calls`` (and
-    ``content: None``), a ``tool`` message with ``tool_call_id``, content as a list of ``{"type": "text"}``
-    parts, and ``name``.
-    """
-    from .structured import message_from_dict
-
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    if not isinstance(messages, Sequence) or isinstance(messages, (bytes, bytearray)):
-        raise InvalidRequestError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-    if not messages:
-        raise InvalidRequestError("messages is empty: give at least one message")
-    out: list[Message] = []
-    for i, m in enumerate(messages):
-        if isinstance(m, Message):
-            msg = m
-        elif isinstance(m, Mapping):
-            msg = message_from_dict(i, m)
-        else:
-            raise InvalidRequestError(f"messages[{i}] must be a dict, got {type(m).__name__}")
-        if msg.role not in ROLES:
-            raise InvalidRequestError(f"messages[{i}] has role {msg.role!r}; use one of {', '.join(ROLES)}")
-        if msg.content is None and not msg.tool_calls:
-            raise InvalidRequestError(f"messages[{i}].content must be a string, got None")
-        if msg.content is not None:
-            try:
-                msg.content.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise InvalidRequestError(
-                    f"messages[{i}].content is not valid Unicode text (a lone surrogate at position {exc.start})"
-                ) from None
-        out.append(msg)
-    if out[-1].role == "assistant":
-        raise InvalidRequestError("the last message is from the assistant: end with a user (or tool) message")
-    return out
+    structure: Structure | None = None
 
 
 def merge_params(defaults: Mapping[str, Any], call: Mapping[str, Any]) -> SamplingParams:
@@ -227,8 +182,6 @@ def merge_params(defaults: Mapping[str, Any], call: Mapping[str, Any]) -> Sampli
     merged = {k: v for k, v in defaults.items() if v is not None}
     merged.update({k: v for k, v in call.items() if v is not None})
     checked = {name: PARAMS[name].check(name, value) for name, value in merged.items()}
-    from .structured import structure_of
-
     structure = structure_of(checked.pop("response_format", None), checked.pop("tools", None), checked.pop("tool_choice", None))
     return SamplingParams(
         **checked, structure=structure, max_tokens_given=call.get("max_tokens") is not None

@@ -30,13 +30,13 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidRequestError, StructuredOutputError
 from .limits import limit, over
+from .messages import new_call_id
 from .types import FunctionCall, Message, ToolCall
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -513,10 +513,6 @@ def _loads_or(text: str) -> Any:
 _NOT_JSON = object()
 
 
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
 def response_schema(response_format: Any) -> tuple[dict[str, Any] | None, type | None]:
     """(the JSON schema the answer must match, the pydantic class to parse it into) of a response_format."""
     if response_format is None:
@@ -576,62 +572,6 @@ def structure_of(response_format: Any, tools: Any, tool_choice: Any) -> Structur
     if choice == "auto":
         return Structure("auto", None, tuple(tool_list), None, validators)
     return Structure("call", call_schema(chosen), tuple(tool_list), None, validators)
-
-
-# -- messages -----------------------------------------------------------------------------------------
-
-_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
-
-
-def _content(i: int, content: Any) -> str | None:
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for k, part in enumerate(content):
-            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise InvalidRequestError(f"messages[{i}].content[{k}] is a {kind!r} part; unillm's models take text parts only")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise InvalidRequestError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-
-
-def _tool_calls(i: int, calls: Any) -> list[ToolCall] | None:
-    if calls is None:
-        return None
-    if not isinstance(calls, list):
-        raise InvalidRequestError(f"messages[{i}].tool_calls must be a list")
-    out = []
-    for k, c in enumerate(calls):
-        fn = c.get("function") if isinstance(c, Mapping) else None
-        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-            raise InvalidRequestError(f"messages[{i}].tool_calls[{k}] needs function.name")
-        args = fn.get("arguments", "{}")
-        if not isinstance(args, str):
-            args = json.dumps(args, ensure_ascii=False)  # Ollama's clients send an object
-        out.append(ToolCall(str(c.get("id") or new_call_id()), FunctionCall(fn["name"], args)))
-    return out
-
-
-def message_from_dict(i: int, m: Mapping[str, Any]) -> Message:
-    """One message of a request, in the shapes OpenAI code sends."""
-    unknown = set(m) - _MESSAGE_KEYS
-    if unknown:
-        raise InvalidRequestError(f"messages[{i}] has unknown keys {sorted(unknown)}")
-    if "role" not in m or ("content" not in m and not m.get("tool_calls")):
-        raise InvalidRequestError(f"messages[{i}] needs both 'role' and 'content'")
-    role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system role
-    calls = _tool_calls(i, m.get("tool_calls"))
-    if calls and role != "assistant":
-        raise InvalidRequestError(f"messages[{i}] has tool_calls but role {role!r}; only assistant messages call tools")
-    tool_call_id = m.get("tool_call_id")
-    if tool_call_id is not None and not isinstance(tool_call_id, str):
-        raise InvalidRequestError(f"messages[{i}].tool_call_id must be a string")
-    name = m.get("name")
-    if name is not None and not isinstance(name, str):
-        raise InvalidRequestError(f"messages[{i}].name must be a string")
-    return Message(role, _content(i, m.get("content")), name, calls, tool_call_id)
 
 
 def template_dicts(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]], template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:

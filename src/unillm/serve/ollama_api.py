@@ -26,6 +26,7 @@ from .. import __version__
 from ..errors import InvalidRequestError, UnillmError
 from ..params import PARAMS
 from ..structured import loads_arguments
+from ..messages import from_ollama_messages
 from ..types import ChatCompletion, ChatCompletionChunk, Message
 from .wire import ndjson, now, ns, one, typed
 
@@ -98,23 +99,6 @@ def ollama_params(body: dict[str, Any]) -> dict[str, Any]:
     if opts:
         params["extra"] = opts
     return params
-
-
-def from_ollama_messages(messages: Any) -> Any:
-    """Ollama's message shape to unillm's: ``tool_name`` names a tool result; ``images`` are refused."""
-    if not isinstance(messages, list):
-        return messages  # validate_messages says what is wrong
-    out = []
-    for i, m in enumerate(messages):
-        if isinstance(m, dict):
-            m = dict(m)
-            if m.pop("images", None):
-                raise InvalidRequestError(f"messages[{i}].images: unillm's models take text only")
-            m.pop("thinking", None)  # a thinking model's earlier reasoning: not part of the conversation
-            if "tool_name" in m:
-                m["name"] = m.pop("tool_name")
-        out.append(m)
-    return out
 
 
 def _calls(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
