@@ -101,3 +101,18 @@ def test_a_stream_keeps_flowing_while_another_model_imports_and_loads(eng):
     print(f"largest gap between chunks while 'heavy' imported and loaded: {max(gaps) * 1000:.0f} ms")
     assert "heavy" in eng.loaded()
     assert max(gaps) < 0.5
+
+
+def test_a_request_beyond_the_backends_capabilities_is_refused_by_name(eng):
+    """The fake backend declares streaming only: tools, a JSON answer and embeddings are refused before it
+    sees them, each by name, and the engine still serves the next request."""
+    from unillm import UnsupportedFeatureError
+
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    with pytest.raises(UnsupportedFeatureError, match="tools"):
+        eng.chat("echo", "a", tools=[tool])
+    with pytest.raises(UnsupportedFeatureError, match="response_format"):
+        eng.chat("echo", "a", response_format={"type": "json_object"})
+    with pytest.raises(UnsupportedFeatureError, match="embeddings"):
+        eng.embed("echo", "a")
+    assert eng.chat("echo", "a b").text == "a b"

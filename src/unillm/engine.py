@@ -139,6 +139,11 @@ class _Core:
         if asked and not backend.capabilities.logprobs:
             raise UnsupportedFeatureError(spec.backend, f"{' and '.join(asked)} (model {spec.name!r}; llama.cpp and vLLM models return them)")
         sampling = merge_params({**backend.sampling_defaults(), **spec.defaults.model_dump(exclude_none=True)}, params)
+        caps, structure = backend.capabilities, sampling.structure
+        if structure is not None and structure.tools and not caps.tools:
+            raise UnsupportedFeatureError(spec.backend, f"tools (model {spec.name!r})")
+        if structure is not None and structure.mode == "json" and not caps.json_schema:
+            raise UnsupportedFeatureError(spec.backend, f"response_format, a JSON answer (model {spec.name!r})")
         return spec, backend, Request(new_request_id(), msgs, sampling), load_s, fallback
 
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
@@ -330,6 +335,8 @@ class _Core:
         if (problem := cls.embed_problem(wanted)) is not None:
             raise UnsupportedFeatureError(wanted.backend, problem)
         spec, backend, _, _ = await self.serving(model)
+        if not backend.capabilities.embeddings:
+            raise UnsupportedFeatureError(spec.backend, f"embeddings (model {spec.name!r})")
         try:
             with self._errors(spec, backend):
                 vectors, tokens = await backend.embed(list(items), truncate)

@@ -6,7 +6,7 @@ libraries do their work on a worker thread. Optional features a backend lacks ra
 
 Example:
     >>> from unillm.backends.base import Capabilities
-    >>> Capabilities(streaming=True).batching
+    >>> Capabilities(streaming=True).json_schema
     False
 """
 
@@ -38,14 +38,12 @@ def new_request_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a backend can do."""
+    """What a backend can do; the engine refuses a request that asks for more, before the backend sees it."""
 
     streaming: bool = True
-    json_schema: bool = False
+    json_schema: bool = False  # response_format with a JSON schema or json_object
     tools: bool = False
-    batching: bool = False
     embeddings: bool = False
-    gpu_offload: bool = False
     logprobs: bool = False
 
 

@@ -304,8 +304,7 @@ def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> 
 
 class LlamaCppBackend(ThreadedBackend):
     name = "llamacpp"
-    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True,
-                                gpu_offload=True, logprobs=True)  # batching: options.parallel > 1
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, embeddings=True, logprobs=True)
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)

@@ -178,7 +178,7 @@ def _script_without_main_guard() -> str | None:
 
 class VLLMBackend(Backend):
     name = "vllm"
-    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, batching=True, embeddings=True, logprobs=True)
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True, embeddings=True, logprobs=True)
     #: GPU shares of the vLLM engines alive in this process, by model name.
     _shares: ClassVar[dict[str, float]] = {}
 
