@@ -19,13 +19,7 @@ from pathlib import Path
 
 from .errors import BackendNotInstalledError, ModelLoadError
 from .registry import ModelSpec, Registry, resolve_file
-
-
-def cache_root() -> Path:
-    base = os.environ.get("UNILLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "unillm"
-    )
-    return Path(base)
+from .system import cache_root
 
 
 def converted_dir(name: str) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
+from .system import cache_root
 
 MODEL = "application/vnd.ollama.image.model"
 PARAMS = "application/vnd.ollama.image.params"
@@ -76,7 +77,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _verified_cache() -> Path:
-    return Path(os.environ.get("UNILLM_CACHE") or Path.home() / ".cache" / "unillm") / "ollama-verified.json"
+    return cache_root() / "ollama-verified.json"
 
 
 def verify_blob(path: Path, digest: str, name: str) -> None:

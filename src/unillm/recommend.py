@@ -106,22 +106,20 @@ def recommend(
     else:  # a backend: the registry's models of it that are meant for the task
         candidates = [s.name for s in registry if s.backend == pick.backend and (task in s.use_for or not s.use_for)]
     first = candidates[0] if candidates else None
+    # The candidates first, then their fallbacks in the order an Engine with fallbacks tries them.
+    chains = [registry.fallback_chain(name) for name in candidates]
     seen: set[str] = set()
-    queue = list(candidates)
-    while queue:
-        name = queue.pop(0)
-        if name in seen:
+    for spec in [chain[0] for chain in chains] + [s for chain in chains for s in chain[1:]]:
+        if spec.name in seen:
             continue
-        seen.add(name)
-        spec = registry.get(name)
+        seen.add(spec.name)
         reason = why_not(spec)
         if reason is None:
-            used_fallback = name != first
+            used_fallback = spec.name != first
             if used_fallback:
-                reasons.append(f"{name} is the first model along the fallbacks of {first} that runs here")
+                reasons.append(f"{spec.name} is the first model along the fallbacks of {first} that runs here")
                 reasons.append(f"Engine(fallbacks=True) sends calls for {first!r} to it automatically")
-            return Recommendation(name, pick.model or first, reasons, used_fallback)
-        reasons.append(f"{name} cannot run here: {reason}")
-        queue.extend(spec.fallbacks)
+            return Recommendation(spec.name, pick.model or first, reasons, used_fallback)
+        reasons.append(f"{spec.name} cannot run here: {reason}")
     reasons.append(f"nothing along that path runs here; the embedded default {EMBEDDED!r} runs anywhere")
     return Recommendation(EMBEDDED, pick.model or first, reasons, True)

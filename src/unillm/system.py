@@ -144,6 +144,15 @@ def ollama_version(host: str, timeout: float = 0.5) -> str | None:
         return None
 
 
+def cache_root() -> Path:
+    """Where unillm keeps what it makes (converted models, requantized GGUFs, verified digests):
+    ``$UNILLM_CACHE``, else ``$XDG_CACHE_HOME/unillm``, else ``~/.cache/unillm``."""
+    base = os.environ.get("UNILLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "unillm"
+    )
+    return Path(base)
+
+
 def why_not_runnable(spec: ModelSpec) -> str | None:
     """Why this model cannot run on this machine, or None when it can (as far as can be told cheaply)."""
     try:

@@ -42,12 +42,11 @@ from ..errors import (
     ModelLoadError,
     ModelUnloadedError,
 )
-from ..convert import cache_root
 from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..templates import bounded
 from ..limits import limit, over
-from ..system import available_memory_bytes, cpu_count, default_threads
+from ..system import available_memory_bytes, cache_root, cpu_count, default_threads
 from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
 from ..options import LlamaCppOptions, parse_options
