@@ -365,6 +365,12 @@ def test_ollama_backend_structured_through_serve(server, write_config):
         r = eng.chat("remote", WEATHER_Q, max_tokens=80, tools=[weather_tool()], extra=pin, **GREEDY)
         assert r.finish_reason == "tool_calls"
         assert check_call(r.choices[0].message.tool_calls[0], weather_tool()) == {"city": "Paris", "unit": "celsius"}
+        # Streamed, the daemon's calls come as data and leave as one whole OpenAI call delta.
+        chunks = list(eng.chat("remote", WEATHER_Q, max_tokens=80, tools=[weather_tool()], extra=pin, stream=True, **GREEDY))
+        deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+        assert chunks[-1].finish_reason == "tool_calls" and "tool_call" not in "".join(c.text for c in chunks)
+        assert [d["function"]["name"] for d in deltas] == ["get_weather"]
+        assert json.loads(deltas[0]["function"]["arguments"]) == {"city": "Paris", "unit": "celsius"}
 
 
 # -- Ollama's idioms and the metadata clients read -------------------------------------------------------

@@ -162,8 +162,10 @@ class _Core:
             for i, gen in enumerate(gens):
                 if gen.finish_reason == "cancelled":  # only unload or close stops a call that nobody cancelled
                     raise ModelUnloadedError(spec.name)
+                if gen.tool_calls and (structure is None or structure.mode != "auto"):
+                    raise GenerationError(spec.name, f"{spec.backend} returned tool calls that were not asked for")
                 if structure is not None:
-                    message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure))
+                    message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure), gen.tool_calls)
                 else:
                     message, finish = Message("assistant", gen.text), gen.finish_reason
                 lp = {"content": gen.logprobs} if gen.logprobs is not None else None
@@ -275,6 +277,10 @@ class _Core:
         try:
             with self._errors(spec, backend):
                 async for piece in pieces:
+                    if piece.tool_calls:
+                        if shaper is None or shaper.s.mode != "auto":  # no tools asked for, or one call forced
+                            raise GenerationError(spec.name, f"{spec.backend} returned tool calls that were not asked for")
+                        shaper.given.extend(piece.tool_calls)
                     text = shaper.feed(piece.text) if shaper is not None else piece.text
                     if piece.finish_reason is None:
                         calls = shaper.call_deltas() if shaper is not None else None

@@ -290,13 +290,20 @@ class Structure:
 
     # -- reading the output ----------------------------------------------------------------------------
 
-    def finish(self, model: str, text: str, finish_reason: str, parser: ToolCallParser | None = None) -> tuple[Message, str]:
+    def finish(
+        self, model: str, text: str, finish_reason: str, parser: ToolCallParser | None = None,
+        given: list[tuple[str, Any]] | None = None,
+    ) -> tuple[Message, str]:
         """The assistant message for a finished generation, and its finish reason.
 
         ``parser`` reads tool calls in ``auto`` mode where the backend has its library's own parser (vLLM's
-        tool parsers); without one, unillm reads the Hermes ``<tool_call>`` format."""
+        tool parsers); without one, unillm reads the Hermes ``<tool_call>`` format. ``given`` are calls the
+        backend's library has already read (Ollama's daemon): checked against the tools, not parsed again."""
         if finish_reason == "cancelled":
             return Message("assistant", text), finish_reason
+        if given and self.mode == "auto":
+            return Message("assistant", text or None, tool_calls=[
+                self._call(model, {"name": name, "arguments": args}) for name, args in given]), "tool_calls"
         if self.mode == "json":
             return Message("assistant", text, parsed=self._json(model, text, finish_reason)), finish_reason
         if self.mode == "call":
@@ -398,6 +405,8 @@ class StreamShaper:
         self.sent = 0
         #: The calls streamed so far: their id, and the arguments' text sent.
         self.calls: list[tuple[str, str]] = []
+        #: Calls the backend's library read (see :meth:`Structure.finish`), sent whole at the end.
+        self.given: list[tuple[str, Any]] = []
         self._incremental = structure.mode == "call" or (structure.mode == "auto" and parser is None)
 
     def feed(self, piece: str) -> str:
@@ -452,7 +461,7 @@ class StreamShaper:
 
     def end(self, model: str, finish_reason: str) -> tuple[str, list[dict[str, Any]] | None, str]:
         """(content not yet streamed, tool-call deltas not yet sent or None, finish reason) at the end."""
-        msg, finish = self.s.finish(model, self.text, finish_reason, self.parser)
+        msg, finish = self.s.finish(model, self.text, finish_reason, self.parser, self.given or None)
         if not msg.tool_calls:
             return self.text[self.sent :], None, finish
         rest = (msg.content or "")[self.sent :] if self.s.mode == "auto" else ""

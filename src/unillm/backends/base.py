@@ -68,6 +68,8 @@ class Generation:
     decode_tokens_per_s: float | None
     #: With ``logprobs``: one OpenAI ``{"token", "logprob", "bytes", "top_logprobs"}`` per generated token.
     logprobs: list[dict[str, Any]] | None = None
+    #: Tool calls the backend's library has already read, as (name, arguments) data (Ollama's daemon does).
+    tool_calls: list[tuple[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -80,6 +82,8 @@ class Piece:
     ttft_s: float | None = None
     decode_tokens_per_s: float | None = None
     logprobs: list[dict[str, Any]] | None = None
+    #: Tool calls the backend's library has already read, as (name, arguments) data.
+    tool_calls: list[tuple[str, Any]] | None = None
 
 
 class Backend(ABC):

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..errors import (
 from ..registry import ModelSpec, Source
 from ..system import ollama_host
 from ..types import Message, Usage
-from ..structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Structure, loads_arguments
+from ..structured import Structure, loads_arguments
 from ..options import OllamaOptions, parse_options
 from .base import Backend, Capabilities, Generation, Piece, Request, chat_inputs, decode_rate
 
@@ -230,15 +229,15 @@ class OllamaBackend(Backend):
             chunks = await self.client.chat(**self._call(request, stream=True))
             try:
                 async for c in chunks:
-                    text = (c.message.content or "") + _calls_text(c.message)
-                    if text and first_at is None:
+                    text, calls = c.message.content or "", _calls(c.message)
+                    if (text or calls) and first_at is None:
                         first_at = time.perf_counter()
                     if c.done:
                         g = _generation(c, first_at, request)
-                        yield Piece(text, g.finish_reason, g.usage, g.ttft_s, g.decode_tokens_per_s)
+                        yield Piece(text, g.finish_reason, g.usage, g.ttft_s, g.decode_tokens_per_s, tool_calls=calls)
                         return
-                    if text:
-                        yield Piece(text)
+                    if text or calls:
+                        yield Piece(text, tool_calls=calls)
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]  # closes the HTTP stream: Ollama stops
         raise GenerationError(self.spec.name, f"Ollama at {self.host} ended the stream without a final message")
@@ -252,16 +251,14 @@ def _generation(r: Any, first_at: float | None, request: Request) -> Generation:
     )
     rate = n / (r.eval_duration / 1e9) if r.eval_duration else decode_rate(n, first_at, time.perf_counter())
     finish = "length" if r.done_reason == "length" else "stop"
-    return Generation((r.message.content or "") + _calls_text(r.message), finish, Usage(r.prompt_eval_count or 0, n), ttft, rate)
+    return Generation(r.message.content or "", finish, Usage(r.prompt_eval_count or 0, n), ttft, rate,
+                      tool_calls=_calls(r.message))
 
 
-def _calls_text(message: Any) -> str:
-    """Ollama's parsed tool calls (arguments as objects, no ids) in the Hermes text form that unillm reads
-    back into OpenAI tool calls with JSON-string arguments and ids."""
-    return "".join(
-        f"{TOOL_CALL_OPEN}{json.dumps({'name': c.function.name, 'arguments': dict(c.function.arguments)})}{TOOL_CALL_CLOSE}"
-        for c in message.tool_calls or ()
-    )
+def _calls(message: Any) -> list[tuple[str, Any]] | None:
+    """The tool calls Ollama's daemon read from the model's answer (arguments as objects, no ids), as data:
+    the engine checks them against the tools and gives them ids."""
+    return [(c.function.name, dict(c.function.arguments)) for c in message.tool_calls or ()] or None
 
 
 def ollama_messages(messages: list[Message]) -> list[dict[str, Any]]:
