@@ -90,6 +90,7 @@ def test_file_setting_and_a_q8_0_file_run_the_file_itself(cache, write_config):
     assert info["path"] == copy and info["weights"] == "Q8_0, as in the file" and written(cache) == made
 
 
+@pytest.mark.unit
 def test_an_unwritable_cache_fails_the_load_by_name_and_leaves_nothing(tmp_path, monkeypatch, write_config):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder would go")

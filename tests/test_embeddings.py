@@ -74,6 +74,7 @@ def test_bad_embedding_inputs(engine, texts, error, fragment):
     assert fragment in str(e.value)
 
 
+@pytest.mark.unit
 def test_a_backend_without_embeddings_says_so(write_config):
     import fake_backend
 

@@ -29,6 +29,7 @@ def eng(write_config):
         yield e
 
 
+@pytest.mark.unit
 def test_echo_and_stream(eng):
     assert eng.chat("echo", "a b c").text == "a b c"
     assert "".join(c.text for c in eng.chat("echo", "a b c", stream=True)) == "a b c"
@@ -36,6 +37,7 @@ def test_echo_and_stream(eng):
     assert r.text == "a b" and r.finish_reason == "length"
 
 
+@pytest.mark.unit
 def test_fallback_when_the_model_cannot_load(write_config):
     with Engine(write_config(REGISTRY), builtin=False, fallbacks=True) as e:
         r = e.chat("broken", "x y")
@@ -65,6 +67,7 @@ def test_unload_during_requests_raises_for_every_running_one(eng):
     assert eng.chat("slow-echo", "again").text == "again"
 
 
+@pytest.mark.unit
 def test_a_dead_backend_is_unloaded_and_loads_again(eng):
     fake_backend.LOADS.clear()
     assert eng.chat("echo", "one").text == "one"
@@ -76,6 +79,7 @@ def test_a_dead_backend_is_unloaded_and_loads_again(eng):
     assert fake_backend.LOADS == ["echo", "echo"]
 
 
+@pytest.mark.unit
 def test_library_errors_go_through_the_backends_table(eng):
     with pytest.raises(InvalidRequestError) as e:
         eng.chat("echo", "invalid")
@@ -103,6 +107,7 @@ def test_a_stream_keeps_flowing_while_another_model_imports_and_loads(eng):
     assert max(gaps) < 0.5
 
 
+@pytest.mark.unit
 def test_a_request_beyond_the_backends_capabilities_is_refused_by_name(eng):
     """The fake backend declares streaming only: tools, a JSON answer and embeddings are refused before it
     sees them, each by name, and the engine still serves the next request."""

@@ -172,6 +172,7 @@ def test_backend_not_installed_names_the_pip_command(tmp_path):
     assert issubclass(BackendNotInstalledError, UnillmError)
 
 
+@pytest.mark.unit
 def test_closed_engine_refuses_and_close_is_idempotent():
     eng = Engine()
     eng.close()
@@ -180,6 +181,7 @@ def test_closed_engine_refuses_and_close_is_idempotent():
         eng.chat("smollm2", QUESTION)
 
 
+@pytest.mark.unit
 def test_every_error_derives_from_the_root():
     import unillm
 
@@ -188,6 +190,7 @@ def test_every_error_derives_from_the_root():
     assert all(issubclass(e, UnillmError) for e in errors)
 
 
+@pytest.mark.unit
 def test_every_error_survives_pickling_with_its_message_and_fields():
     """A Ray replica's error reaches the job's driver pickled; each class's __init__ takes other arguments."""
     import pickle

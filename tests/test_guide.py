@@ -44,12 +44,14 @@ def test_decision_tree_branches(task, users, stage, model):
     assert pick.guide  # every branch quotes the guide
 
 
+@pytest.mark.unit
 def test_chat_single_request_branch_is_llama_cpp():
     pick = guide_pick("chat", 1, "testing")
     assert pick.model is None and pick.backend == "llamacpp"
     assert "Maximum single-request performance" in pick.guide
 
 
+@pytest.mark.unit
 def test_bad_recommend_inputs():
     from unillm import InvalidRequestError
 
@@ -62,6 +64,7 @@ def runs_only(*names):
     return lambda spec: None if spec.name in names else "not on this imaginary machine"
 
 
+@pytest.mark.unit
 def test_recommend_keeps_the_guides_pick_when_it_runs():
     reg = Registry.load()
     rec = recommend("code", 20, "production", registry=reg, gpu_gb=80, why_not=runs_only("qwen-coder-vllm"))
@@ -69,6 +72,7 @@ def test_recommend_keeps_the_guides_pick_when_it_runs():
     assert any("GPU >=16GB: vLLM recommended" in r for r in rec.reasons)
 
 
+@pytest.mark.unit
 def test_recommend_follows_fallbacks_on_a_cpu_machine():
     reg = Registry.load()
     rec = recommend("code", 20, registry=reg, gpu_gb=0, why_not=runs_only("qwen2.5-coder:7b", "smollm2"))
@@ -80,6 +84,7 @@ def test_recommend_follows_fallbacks_on_a_cpu_machine():
     assert any("GPU <16GB" in r for r in rec.reasons)
 
 
+@pytest.mark.unit
 def test_recommend_gguf_branch_prefers_a_present_gguf():
     reg = Registry.load()
     rec = recommend("chat", 1, "testing", registry=reg, gpu_gb=0, why_not=runs_only("qwen2.5-coder-7b-gguf", "smollm2"))
@@ -87,6 +92,7 @@ def test_recommend_gguf_branch_prefers_a_present_gguf():
     assert reg.get(rec.model).backend == "llamacpp"
 
 
+@pytest.mark.unit
 def test_recommend_on_this_machine_names_a_model_that_runs():
     rec = recommend("code", 20)
     from unillm.system import why_not_runnable
@@ -94,6 +100,7 @@ def test_recommend_on_this_machine_names_a_model_that_runs():
     assert why_not_runnable(Registry.load().get(rec.model)) is None
 
 
+@pytest.mark.unit
 def test_doctor_on_this_machine():
     report = doctor()
     assert report.cpus >= 1 and report.memory_gb and report.memory_gb > 1
@@ -136,6 +143,7 @@ GPU_ONLY = """models:
 """
 
 
+@pytest.mark.unit
 def test_fallbacks_off_by_default_and_the_error_says_how(write_config):
     with Engine(write_config(GPU_ONLY)) as eng:
         with pytest.raises(ModelLoadError) as e:

@@ -80,6 +80,7 @@ def test_close_during_a_stream_raises_in_the_stream():
     assert "unloaded" in str(e.value) or "closed" in str(e.value)
 
 
+@pytest.mark.unit
 def test_batch_job_records_a_cut_request_as_an_error(tmp_path):
     from unillm.records import result_record
     from unillm.types import BatchResult
@@ -92,6 +93,7 @@ def test_batch_job_records_a_cut_request_as_an_error(tmp_path):
 # -- the Ollama store loader ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_store_digest_must_be_sha256_hex(tmp_path, monkeypatch):
     """A digest was used in a path unchecked: '../' in one escaped the store, and params/system blobs were
     read without verification."""
@@ -121,6 +123,7 @@ def test_store_digest_must_be_sha256_hex(tmp_path, monkeypatch):
     assert "does not match its manifest" in str(e.value)
 
 
+@pytest.mark.unit
 def test_store_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
     import os
 
@@ -250,6 +253,7 @@ def test_inputs_get_the_right_error_class(engine, call, error, fragment):
     assert "Paris" in engine.chat("smollm2", QUESTION, max_tokens=32, **GREEDY).text
 
 
+@pytest.mark.unit
 def test_a_misspelled_required_registry_key_is_named(write_config):
     from unillm import ConfigError, Registry
 

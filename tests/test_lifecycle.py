@@ -50,6 +50,7 @@ def test_serve_refuses_a_port_that_is_not_one(port):
     assert "serving on" not in out.stdout and "Traceback" not in out.stderr
 
 
+@pytest.mark.unit
 def test_serve_on_a_port_in_use_is_a_one_line_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -77,6 +78,7 @@ def test_serve_prints_its_banner_once_bound_and_exits_cleanly_on_sigterm():
                 proc.kill()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [

@@ -230,6 +230,7 @@ def test_tampered_blob_is_refused(tmp_path, gguf_bytes, write_config):
     assert "does not match its manifest" in str(e.value)
 
 
+@pytest.mark.unit
 def test_store_name_missing(tmp_path, write_config):
     os.makedirs(tmp_path / "empty")
     with Engine(write_config(STORE_ENTRY.format(port=free_port(), store=tmp_path / "empty"))) as eng:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import QUESTION, ROOT, run_py
 
 SYSTEM = QUESTION[0]["content"]
@@ -12,12 +14,14 @@ SYSTEM = QUESTION[0]["content"]
 HEAVY = ("torch", "vllm", "llama_cpp", "transformers", "ollama")
 
 
+@pytest.mark.unit
 def test_import_unillm_imports_no_heavy_library():
     out = run_py("import sys, unillm; print(' '.join(m for m in %r if m in sys.modules))" % (HEAVY,))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
 
 
+@pytest.mark.unit
 def test_public_api_is_sorted_and_documented():
     import unillm
 
@@ -28,6 +32,7 @@ def test_public_api_is_sorted_and_documented():
             assert obj.__doc__, f"{name} has no docstring"
 
 
+@pytest.mark.unit
 def test_py_typed_ships():
     import importlib.resources
 
@@ -83,6 +88,7 @@ def test_mypy_is_clean_on_src():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.unit
 def test_the_readme_lists_every_limit_with_its_default():
     from unillm.limits import LIMITS
 

@@ -189,6 +189,7 @@ def test_unreachable_cluster_is_a_clear_error(tmp_path):
     assert not out.exists() or out.read_text() == ""
 
 
+@pytest.mark.unit
 def test_ray_is_imported_only_for_ray_jobs():
     r = run_py("import sys, unillm, unillm.jobs, unillm.cluster, unillm.cli; print('ray' in sys.modules)")
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
@@ -241,6 +242,7 @@ def reg(write_config):
     return Registry(parse_file(write_config(REGISTRY)))
 
 
+@pytest.mark.unit
 def test_replica_resources_come_from_the_registry_entry(reg):
     smol = Registry.load().get("smollm2")  # no n_threads: one CPU, and the replica runs one thread
     assert replica_resources(smol, False) == {"num_cpus": 1.0, "num_gpus": 0.0}
@@ -255,6 +257,7 @@ def test_replica_resources_come_from_the_registry_entry(reg):
         replica_resources(reg.get("big-tp"), False)
 
 
+@pytest.mark.unit
 def test_batch_size_and_threads_per_replica(reg):
     assert batch_size_for(reg.get("gguf-threads"), RayConfig()) == 8  # its slots
     assert batch_size_for(reg.get("big-tp"), RayConfig()) == 64  # max_num_seqs 64
@@ -264,6 +267,7 @@ def test_batch_size_and_threads_per_replica(reg):
     assert replica_spec(reg.get("gguf-threads"), 1.0).options["n_threads"] == 4  # the registry's own wins
 
 
+@pytest.mark.unit
 def test_vllm_parallelism_options_reach_the_engine_args(write_config):
     pytest.importorskip("vllm")
     from unillm.backends.vllm import engine_args
@@ -276,6 +280,7 @@ def test_vllm_parallelism_options_reach_the_engine_args(write_config):
     assert plain.distributed_executor_backend is None  # vLLM picks (mp on one machine)
 
 
+@pytest.mark.unit
 def test_unknown_executor_backend_is_a_registry_error(write_config):
     bad = REGISTRY.replace("distributed_executor_backend: ray", "distributed_executor_backend: slurm")
     with pytest.raises(ConfigError, match="distributed_executor_backend"):

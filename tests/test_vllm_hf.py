@@ -158,6 +158,7 @@ def test_unload_then_load_again(veng):
     assert "Paris" in veng.chat("smollm2-vllm", ONE_WORD, max_tokens=32, **GREEDY).text
 
 
+@pytest.mark.unit
 def test_gpu_only_engine_args_as_built():
     from unillm.backends.vllm import engine_args
 
@@ -178,6 +179,7 @@ def test_gpu_only_engine_args_as_built():
     assert cpu.kv_cache_memory_bytes == 128 * 2**20 and cpu.enforce_eager is True
 
 
+@pytest.mark.unit
 def test_two_vllm_models_need_explicit_gpu_shares(write_config):
     from unillm.backends.vllm import check_gpu_share, engine_args
 
@@ -329,6 +331,7 @@ def test_unload_mid_request_raises_model_unloaded(veng, model):
     assert "Paris" in veng.chat(model, ONE_WORD, max_tokens=32, **GREEDY).text
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("has_bf16", "on_gpu", "expected"), [(False, False, "float32"), (True, False, "bfloat16"),
                                                               (False, True, "auto")])
 def test_vllm_dtype_follows_the_cpu(monkeypatch, has_bf16, on_gpu, expected):
