@@ -207,13 +207,15 @@ class VLLMBackend(Backend):
         try:
             # Minutes of blocking work (processes, weights, KV cache): off the shared loop, so that other
             # models' streams keep flowing; AsyncLLM starts its output handler on the first request.
-            self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as exc:  # noqa: BLE001 - vLLM fails in many ways while starting
             raise ModelLoadError(self.spec.name, f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
+        # A local name: without vLLM installed, mypy sees AsyncLLM as Any and self.engine as "Any | None".
+        self.engine = engine
         if on_gpu:
             self._shares[self.spec.name] = self.options.gpu_memory_utilization
-        self.tokenizer = self.engine.get_tokenizer()
-        cache = self.engine.vllm_config.cache_config
+        self.tokenizer = engine.get_tokenizer()
+        cache = engine.vllm_config.cache_config
         kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
         self._info = {
             "vllm": vllm.__version__,
