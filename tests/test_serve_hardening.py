@@ -84,6 +84,14 @@ def test_host_origin_and_content_type_guards(server):
     assert request(server, "POST", "/api/chat", CHAT, {"Origin": f"http://localhost:{port}"})[0] == 200
     status, _, data = request(server, "POST", "/api/chat", CHAT, {"Content-Type": "text/plain"})
     assert status == 415 and b"application/json" in data
+    # A page can also POST a form without a preflight: refused whenever a browser sends it (a browser's POST
+    # always carries Origin or Sec-Fetch-*), even from an allowed page. curl -d sends the same type with
+    # neither (Ollama's documented examples): read as JSON.
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for browser in ({"Origin": f"http://localhost:{port}"}, {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}):
+        status, _, data = request(server, "POST", "/api/chat", CHAT, {**form, **browser})
+        assert status == 415 and b"application/json" in data, browser
+    assert request(server, "POST", "/api/chat", CHAT, {**form, "User-Agent": "curl/8.5.0"})[0] == 200
     stats = json.loads(request(server, "GET", "/unillm/stats")[2])
     assert stats["requests"].get("error", 0) == 0  # none of the refused requests reached the model
 

@@ -8,7 +8,8 @@ In order, before any route sees a request:
 - **Origin**, when a browser sends one, must be one of those hosts too: a page elsewhere cannot drive the
   models through the user's browser.
 - **Content-Type** of a POST must not be one a web page can send without a CORS preflight as a JSON
-  carrier (``text/plain``, ``multipart/form-data``): 415.
+  carrier (``text/plain``, ``multipart/form-data``, and ``application/x-www-form-urlencoded`` from a browser:
+  ``curl -d`` sends that type too, without a browser's ``Origin`` or ``Sec-Fetch-*`` headers): 415.
 - **API key** (``Authorization: Bearer KEY``) compared with :func:`secrets.compare_digest`: 401.
 - **Body size**: over ``max_body_bytes`` is 413, from ``Content-Length`` before the app sees it, or while
   reading a body sent without one. The body is read and discarded first (up to ``DRAIN_BYTES``, for at most
@@ -37,7 +38,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 WILDCARDS = ("0.0.0.0", "::", "")
 #: Content types a web page can POST cross-origin without a preflight, that could carry a JSON body.
-SIMPLE_TYPES = ("text/plain", "multipart/form-data")
+SIMPLE_TYPES = ("text/plain", "multipart/form-data", "application/x-www-form-urlencoded")
+#: Of those, the one ``curl -d`` sends (as Ollama's documented examples do): refused only from a browser, which
+#: marks every POST with ``Origin`` or ``Sec-Fetch-*``.
+CURL_TYPE = "application/x-www-form-urlencoded"
 #: How much of a refused body is read (and thrown away) before the 413, and for how long at most.
 DRAIN_BYTES = 64 * 2**20
 DRAIN_SECONDS = 10.0
@@ -86,7 +90,8 @@ class Guard:
             await _refuse(send, 403, "requests from sandboxed or local web pages (Origin: null) are refused", api)
             return
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        if scope.get("method") == "POST" and ctype in SIMPLE_TYPES:
+        from_browser = origin is not None or any(k.startswith("sec-fetch-") for k in headers)
+        if scope.get("method") == "POST" and ctype in SIMPLE_TYPES and (ctype != CURL_TYPE or from_browser):
             await _refuse(send, 415, f"Content-Type {ctype} is refused: send the JSON body as application/json", api)
             return
         if self.api_key is not None:
