@@ -398,6 +398,11 @@ def test_cli_chat_with_a_schema(tmp_path):
     bad.write_text('{"type": "object", "properties": {"a": {"type": 5}}}')
     out = unillm("chat", "smollm2", "hi", "--schema", str(bad))
     assert out.returncode == 2 and "not a valid JSON schema" in out.stderr and "Traceback" not in out.stderr
+    # A budget too small for the answer: the error, and nothing on stdout (it used to stream partial JSON
+    # there, which a script piping stdout into a JSON parser would read).
+    out = unillm("chat", "smollm2", "Describe Paris, the capital of France.", "-t", "0", "-n", "5",
+                 "--schema", json.dumps(schema))
+    assert out.returncode == 2 and "max_tokens" in out.stderr and out.stdout == "", (out.stdout, out.stderr)
 
 
 def test_batch_job_with_a_schema_retries_what_failed(tmp_path):

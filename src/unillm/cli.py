@@ -167,7 +167,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     ]
     params = _params(args)
     with Engine(args.config) as engine:
-        if args.no_stream:
+        # With a schema, stdout gets the whole valid JSON or nothing: a stream cut short (or not matching the
+        # schema) would leave partial JSON where a script reads it.
+        if args.no_stream or "response_format" in params:
             r = engine.chat(args.model, messages, **params)
             sys.stdout.write(r.text + "\n")
             usage, timings, model, backend = r.usage, r.timings, r.model, r.backend
