@@ -30,6 +30,10 @@ if __name__ == "__main__":
     ap.add_argument("output", type=Path)
     ap.add_argument("--model", default="smollm2")
     args = ap.parse_args()
+    if not args.folder.is_dir():
+        ap.error(f"{args.folder} is not a folder")
+    if not any(args.folder.glob("*.txt")):
+        ap.error(f"{args.folder} has no .txt file to summarise")
     with tempfile.TemporaryDirectory() as tmp:
         records, template = Path(tmp) / "docs.jsonl", Path(tmp) / "template.txt"
         n = folder_to_jsonl(args.folder, records)

@@ -52,3 +52,7 @@ def test_batch_script(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "3 files" in out.stdout and "3 done" in out.stdout
     assert (tmp_path / "out.jsonl").read_text().count("\n") == 3
+    # A folder that does not exist, or holds no .txt file, is an error (it used to exit 0: "0 files").
+    for folder in (tmp_path / "nowhere", tmp_path):
+        out = run_example(str(EXAMPLES / "batch_summarise.py"), str(folder), str(tmp_path / "none.jsonl"))
+        assert out.returncode == 2 and str(folder) in out.stderr and not (tmp_path / "none.jsonl").exists(), out.stderr

@@ -159,7 +159,12 @@ def test_bad_bytes_and_lone_surrogates_in_the_input_are_records_not_tracebacks(e
                     b'{"id": "s", "text": "bad \\udc00 text"}\n')
     summary = run_job(engine, inp, out, "smollm2", **FAST)
     assert summary.invalid == 1 and "not UTF-8" in summary.errors[0]
+    assert "1 invalid (not run: see the errors)" in str(summary)  # it used to be in no count of the summary
     by_id = {r["id"]: r for r in lines(out)}
     assert set(by_id) == {"ok", "\ud800", "s"}
     assert "error" not in by_id["ok"] and "lone surrogate" in by_id["s"]["error"]["message"]
     out.read_bytes().decode("utf-8")  # the output is valid UTF-8 throughout
+    # A run again, with --retry-failed: the invalid line is reported again (it has no id to be resumed by),
+    # and nothing that is done is redone.
+    again = run_job(engine, inp, out, "smollm2", retry_failed=True, **FAST)
+    assert (again.invalid, again.skipped, again.done) == (1, 2, 0) and "not UTF-8" in again.errors[0]

@@ -57,9 +57,12 @@ class JobSummary:
 
     def __str__(self) -> str:
         torn = ", repaired a torn last line" if self.repaired_torn_line else ""
+        # An invalid line (not JSON, no id, an id twice) has no id to be written or resumed by: it is counted
+        # and named here on every run until the input is fixed.
+        invalid = f", {self.invalid} invalid (not run: see the errors)" if self.invalid else ""
         return (
             f"{self.total} records: {self.done} done, {self.failed} failed, {self.skipped} skipped (already in the "
-            f"output){torn}; {self.completion_tokens} tokens in {self.seconds:.1f} s ({self.tokens_per_s:.1f} tok/s)"
+            f"output){invalid}{torn}; {self.completion_tokens} tokens in {self.seconds:.1f} s ({self.tokens_per_s:.1f} tok/s)"
         )
 
 
