@@ -436,3 +436,31 @@ def test_vllms_engine_processes_end_with_a_plain_script_killed_by_sigterm(tmp_pa
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_vllm_start_failure_says_its_root_cause(write_config, tmp_path):
+    """vLLM's engine process fails in a process of its own, and the parent only got "Engine core initialization
+    failed. See root cause above": the cause was in vLLM's log. Here the weights are truncated: the error
+    names what went wrong in the worker that read them."""
+    import shutil
+
+    from unillm.convert import model_folder
+
+    folder = tmp_path / "broken"
+    shutil.copytree(model_folder(Registry.load().get("smollm2-vllm")), folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")  # the header stays whole: vLLM's own checks read it
+    weights.write_bytes(data[: header + 4096])
+    cfg = write_config(f"""models:
+  - name: broken-vllm
+    backend: vllm
+    source: {{path: {folder}}}
+    context_window: 2048
+    options: {{dtype: float32, kv_cache_memory_bytes: 134217728, max_num_seqs: 4}}
+""")
+    with Engine(cfg) as eng, pytest.raises(ModelLoadError) as e:
+        eng.load("broken-vllm")
+    message = str(e.value)
+    assert "broken-vllm" in message and "root cause in vLLM's process" in message, message
+    assert "safetensor" in message.lower() or "deserializ" in message.lower(), message

@@ -126,6 +126,20 @@ def engine_args(spec: ModelSpec, model: str, on_gpu: bool) -> AsyncEngineArgs:
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
+def _start_failure(exc: Exception, causes: list[str]) -> str:
+    """Why vLLM could not start: its error, the root cause its processes logged, and what to change."""
+    msg = f"vLLM could not start: {type(exc).__name__}: {exc}"
+    if causes:
+        msg += "; root cause in vLLM's process: " + " | ".join(causes[-3:])
+    text = msg.lower()
+    if "kv cache" in text or "max_model_len" in text or "max seq len" in text:
+        msg += ("; in the registry entry, raise options.kv_cache_memory_bytes (CPU) or options.gpu_memory_utilization "
+                "(GPU), or lower context_window")
+    elif "out of memory" in text:
+        msg += "; in the registry entry, lower options.gpu_memory_utilization, max_num_seqs or context_window"
+    return msg
+
+
 def kv_bytes(model: str, dtype: str, tokens: int) -> int | None:
     """What vLLM's KV cache takes for ``tokens`` of a local checkpoint in ``dtype`` (None: unknown: not a local
     folder, or ``auto`` on a GPU)."""
@@ -204,12 +218,13 @@ class VLLMBackend(Backend):
         if on_gpu:
             check_gpu_share(self.spec.name, self.options.gpu_memory_utilization, self._shares)
         _vllm_child.install()  # its engine process ends with this one, however this one ends
+        mark = _vllm_child.errors_mark()
         try:
             # Minutes of blocking work (processes, weights, KV cache): off the shared loop, so that other
             # models' streams keep flowing; AsyncLLM starts its output handler on the first request.
             engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as exc:  # noqa: BLE001 - vLLM fails in many ways while starting
-            raise ModelLoadError(self.spec.name, f"vLLM could not start: {type(exc).__name__}: {exc}") from exc
+            raise ModelLoadError(self.spec.name, _start_failure(exc, _vllm_child.errors_since(mark))) from exc
         # A local name: without vLLM installed, mypy sees AsyncLLM as Any and self.engine as "Any | None".
         self.engine = engine
         if on_gpu:
