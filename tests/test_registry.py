@@ -135,3 +135,20 @@ def test_a_later_good_entry_clears_an_earlier_files_problem(tmp_path, monkeypatc
     monkeypatch.setenv("UNILLM_TRUST_PROJECT", "1")
     reg = Registry.load()
     assert reg.get("x").context_window == 64 and "x" not in reg.problems  # `unillm models` lists no refusal for it
+
+
+@pytest.mark.unit
+def test_registry_errors_say_each_thing_once_and_suggest_the_key(write_config):
+    """A backend typo said key 'backend' twice; an options typo had no "did you mean"; a misspelled required
+    key named the missing one twice."""
+    entry = "models:\n  - {name: a, backend: %s, source: {path: /x.gguf}, context_window: 100%s}\n"
+    with pytest.raises(ConfigError) as e:
+        Registry(parse_file(write_config(entry % ("llamacp", ""))))
+    msg = str(e.value)
+    assert msg.count("'backend'") == 1 and "did you mean 'llamacpp'" in msg, msg
+    with pytest.raises(ConfigError) as e:
+        Registry(parse_file(write_config(entry % ("llamacpp", ", options: {n_thread: 2}"))))
+    assert "options.n_thread" in str(e.value) and "did you mean 'n_threads'" in str(e.value), str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_file(write_config("models:\n  - {name: c, backend: llamacpp, sourse: {path: /x.gguf}, context_window: 100}\n"))
+    assert "did you mean 'source'" in str(e.value) and str(e.value).count("source") == 1, str(e.value)

@@ -73,7 +73,10 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="unillm", description="Run local LLMs in-process behind one API.")
+    parser.add_argument("--version", action="version", version=f"unillm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="answer one prompt, streamed to the terminal")

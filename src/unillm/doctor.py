@@ -11,12 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .backends import BACKENDS
 from .registry import Registry
-from .system import GPU, cpu_count, default_threads, gpus, memory_gb, ollama_host, ollama_version, why_not_runnable
+from .options import LlamaCppOptions, parse_options
+from .system import (
+    GPU,
+    cpu_count,
+    default_threads,
+    gpus,
+    llamacpp_threads,
+    memory_gb,
+    ollama_host,
+    ollama_version,
+    why_not_runnable,
+)
 
 
 @dataclass
@@ -61,7 +73,12 @@ def doctor(registry: Registry | None = None) -> Report:
     models = []
     for spec in registry:
         reason = why_not_runnable(spec)
-        models.append({"name": spec.name, "backend": spec.backend, "runs_here": reason is None, "why_not": reason})
+        entry = {"name": spec.name, "backend": spec.backend, "runs_here": reason is None, "why_not": reason}
+        if spec.backend == "llamacpp":
+            o = parse_options(LlamaCppOptions, spec)
+            n, why, _ = llamacpp_threads(o.n_threads, o.parallel)
+            entry["threads"] = f"{n} thread{'s' if n > 1 else ''}, {why}"
+        models.append(entry)
     return Report(
         cpus=cpu_count(), memory_gb=memory_gb(), gpus=list(gpus()), backends=backends,
         llama_cpp_gpu_offload=_llama_cpp_offload(), llama_cpp_threads=default_threads(),
@@ -71,7 +88,11 @@ def doctor(registry: Registry | None = None) -> Report:
 
 def format_report(r: Report) -> str:
     mem = f"{r.memory_gb:.1f} GB" if r.memory_gb else "unknown"
-    lines = [f"CPU       {r.cpus} cores, {mem} memory; llama.cpp threads {r.llama_cpp_threads} (UNILLM_N_THREADS)"]
+    env = os.environ.get("UNILLM_N_THREADS")
+    threads = (f"llama.cpp threads {r.llama_cpp_threads} (UNILLM_N_THREADS={env})" if env else
+               f"llama.cpp threads {r.llama_cpp_threads} for one sequence, {r.cpus} for a batching model "
+               "(UNILLM_N_THREADS is not set)")
+    lines = [f"CPU       {r.cpus} cores, {mem} memory; {threads}"]
     if r.gpus:
         lines += [f"GPU {g.index}     {g.name}, {g.memory_gb:.0f} GB" for g in r.gpus]
     else:
@@ -88,5 +109,6 @@ def format_report(r: Report) -> str:
     lines.append("Models")
     width = max(len(m["name"]) for m in r.models)
     for m in r.models:
-        lines.append(f"  {m['name']:{width}}  " + ("runs here" if m["runs_here"] else f"no: {m['why_not']}"))
+        threads = f", {m['threads']}" if m.get("threads") else ""
+        lines.append(f"  {m['name']:{width}}  " + (f"runs here{threads}" if m["runs_here"] else f"no: {m['why_not']}"))
     return "\n".join(lines)

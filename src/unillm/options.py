@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -102,5 +103,9 @@ def parse_options(model: type[OptionsT], spec: ModelSpec) -> OptionsT:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = "options." + ".".join(str(p) for p in err["loc"])
-        msg = f"unknown key for the {spec.backend} backend" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            fields = model.model_fields if len(err["loc"]) == 1 else {}
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(fields), n=1)
+            msg = f"unknown key for the {spec.backend} backend" + (f" (did you mean {close[0]!r}?)" if close else "")
         raise ConfigError(f"model {spec.name!r}: {msg}", path=spec.config_file, key=key) from exc

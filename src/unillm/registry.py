@@ -190,12 +190,14 @@ def _config_error(exc: ValidationError, data: Any, p: Path, prefix: Sequence[int
     loc = (*prefix, *err["loc"])
     key = _format_loc(loc, data)
     msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    meant = None  # the required key a misspelled one stands for: said once, here
     if err["type"] == "extra_forbidden":
-        missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == err["loc"][:-1]]
-        close = difflib.get_close_matches(str(err["loc"][-1]), missing, n=1)
+        missing = [e for e in errors if e["type"] == "missing" and e["loc"][:-1] == err["loc"][:-1]]
+        close = difflib.get_close_matches(str(err["loc"][-1]), [str(e["loc"][-1]) for e in missing], n=1)
         if close:
             msg += f" (did you mean {close[0]!r}, which is required?)"
-    others = [f"{_format_loc((*prefix, *e['loc']), data)}: {e['msg']}" for e in errors if e is not err]
+            meant = next(e for e in missing if str(e["loc"][-1]) == close[0])
+    others = [f"{_format_loc((*prefix, *e['loc']), data)}: {e['msg']}" for e in errors if e is not err and e is not meant]
     more = f" (also: {'; '.join(others[:3])}{'...' if len(others) > 3 else ''})" if others else ""
     return ConfigError(msg + more, path=str(p), key=key)
 

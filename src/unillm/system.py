@@ -33,15 +33,30 @@ def cpu_count() -> int:
 
 
 def default_threads() -> int:
-    """llama.cpp threads: ``UNILLM_N_THREADS``, else half the CPUs (at least 1).
+    """llama.cpp threads of a one-sequence model: ``UNILLM_N_THREADS``, else half the CPUs (at least 1).
 
     On a 2-CPU machine two threads stall decoding for seconds at random (OpenMP spin-waits against
     the rest of the process), one thread does not.
     """
+    return llamacpp_threads(None, 1)[0]
+
+
+def llamacpp_threads(n_threads: int | None, parallel: int) -> tuple[int, str, bool]:
+    """The threads a llama.cpp model runs: (count, why, tuned). ``options.n_threads``, else
+    ``UNILLM_N_THREADS``, else for a batching context (``parallel`` > 1) every CPU, tuned down to one while
+    that decodes faster (another process is taking a CPU: see ``ThreadTuner``), else half the CPUs."""
+    if n_threads:
+        return n_threads, "options.n_threads", False
     env = os.environ.get("UNILLM_N_THREADS")
     if env:
-        return max(1, int(env))
-    return max(1, cpu_count() // 2)
+        try:
+            return max(1, int(env)), "UNILLM_N_THREADS", False
+        except ValueError:
+            raise UnillmError(f"UNILLM_N_THREADS must be a whole number of threads, got {env!r}") from None
+    if parallel > 1:
+        n = cpu_count()
+        return n, (f"all {n} CPUs (batching), down to 1 while that decodes faster" if n > 1 else "1 CPU"), n > 1
+    return max(1, cpu_count() // 2), "half the CPUs (one sequence at a time)", False
 
 
 def memory_gb() -> float | None:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
@@ -123,8 +124,14 @@ def backend_info(name: str) -> BackendInfo:
         if ep.name == name:
             module = ep.value.split(":")[0]
             return BackendInfo(name, ep.value, module, ep.dist.name if ep.dist else module, name)
+    raise ConfigError(_unknown_backend(name), key="backend")
+
+
+def _unknown_backend(name: str) -> str:
     known = sorted(BACKENDS) + sorted(ep.name for ep in _installed_entry_points())
-    raise ConfigError(f"unknown backend {name!r}; known: {', '.join(known)}", key="backend")
+    close = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown backend {name!r}; {hint}known: {', '.join(known)}"
 
 
 def backend_class(name: str, model: str | None = None) -> type[Backend]:
@@ -147,7 +154,8 @@ def check_options(spec: ModelSpec) -> None:
     own options when they load)."""
     try:
         info = backend_info(spec.backend)
-    except ConfigError as exc:
-        raise ConfigError(f"model {spec.name!r}: {exc}", path=spec.config_file, key="backend") from None
+    except ConfigError:
+        raise ConfigError(f"model {spec.name!r}: {_unknown_backend(spec.backend)}", path=spec.config_file,
+                          key="backend") from None
     if info.options is not None:
         parse_options(info.options, spec)

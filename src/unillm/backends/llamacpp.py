@@ -46,7 +46,7 @@ from ..registry import resolve_file
 from ..templates import bounded
 from ..limits import limit, over
 from ..cache import copy_path, prune, record_source
-from ..system import available_memory_bytes, cpu_count, default_threads
+from ..system import available_memory_bytes, cpu_count, llamacpp_threads
 from ._text import TokenText
 from .llamacpp_batch import Batcher, SeqJob, check_batchable
 from ..options import LlamaCppOptions, parse_options
@@ -328,9 +328,10 @@ class LlamaCppBackend(ThreadedBackend):
     def _load_sync(self, path: str) -> None:
         o = self.options
         n_gpu_layers = gpu_layers(o)
-        # A batching context serves many sequences at once, as batch jobs that own the machine do: all
-        # CPUs. One sequence at a time: half of them (two spinning threads on two CPUs stall, see README).
-        threads = o.n_threads or (cpu_count() if o.parallel > 1 else default_threads())
+        # A batching context serves many sequences at once, as batch jobs that own the machine do: all CPUs,
+        # tuned down while another process takes one. One sequence at a time: half of them (two spinning
+        # threads on two CPUs stall, see README). options.n_threads or UNILLM_N_THREADS, when set, rule.
+        threads, why, tune = llamacpp_threads(o.n_threads, o.parallel)
         file = path
         path, weights = weights_file(self.spec.name, file, o, n_gpu_layers)
         self._check_memory(path, n_gpu_layers)
@@ -367,7 +368,7 @@ class LlamaCppBackend(ThreadedBackend):
             try:
                 self._batcher = Batcher(
                     llm, self.spec.name, o.parallel, self.spec.context_window, threads, o.n_batch, o.flash_attn,
-                    o.kv_unified, o.prompt_cache,
+                    o.kv_unified, o.prompt_cache, tune_threads=tune,
                 )
             except BaseException:
                 llm.close()
@@ -379,10 +380,11 @@ class LlamaCppBackend(ThreadedBackend):
             "file": file,
             "weights": weights or f"{ftype_name(int(llm.metadata.get('general.file_type', -1)))}, as in the file",
             "n_ctx": llm.n_ctx(),
-            "n_ctx_train": llm.n_ctx_train() if hasattr(llm, "n_ctx_train") else None,
+            "n_ctx_train": int(llama_cpp.llama_model_n_ctx_train(llm.model)),
             "n_gpu_layers": n_gpu_layers,
             "gpu_offload_supported": gpu_offload_supported(),
             "n_threads": threads,
+            "threads": why,
             "llama_cpp_python": llama_cpp.__version__,
         }
 
@@ -402,7 +404,10 @@ class LlamaCppBackend(ThreadedBackend):
             )
 
     def info(self) -> dict[str, Any]:
-        return dict(self._info)
+        out = dict(self._info)
+        if self._batcher is not None:  # the count decoding uses now (the tuner may have changed it)
+            out["n_threads_now"] = self._batcher.n_threads
+        return out
 
     async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
         # Not on the model's worker thread, which tokenizes every chat request: one embed() of 200 texts held

@@ -16,6 +16,7 @@ import math
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,12 +66,70 @@ def unsupported_in_batch(extra: dict[str, Any]) -> str | None:
     return None
 
 
+class ThreadTuner:
+    """Picks, while a batch runs, the faster of two thread counts for its decoding steps.
+
+    With a thread per CPU, llama.cpp's threads wait for each other at every step; when another process takes
+    a CPU, each wait costs one of its time slices, and a 16-sequence batch on 2 CPUs fell from 121-135 to 37-44
+    tok/s, while one thread went from 83 to 75 (``benchmarks/threads_under_load.py``). Neither count is the
+    faster on every machine at every moment, so the batcher measures: it decodes with the current count, and
+    every ``period`` decoding steps tries the other for ``probe`` steps, keeping whichever took less time per
+    token (by the median of its steps; it switches only for a gain of over ``margin``).
+
+    Example:
+        >>> t = ThreadTuner((2, 1), period=4, probe=2, first=4)
+        >>> [t.step(16, 0.1) for _ in range(4)]          # 2 threads: 6.25 ms a token, then a probe of 1
+        [2, 2, 2, 1]
+        >>> [t.step(16, 0.05) for _ in range(2)]         # 1 thread is twice as fast now: it stays
+        [1, 1]
+    """
+
+    def __init__(self, counts: tuple[int, int], period: int = 32, probe: int = 4, margin: float = 0.1,
+                 first: int | None = None) -> None:
+        self.counts = counts
+        self.current = 0  # index into counts of the count in use
+        self.period, self.probe, self.margin = period, probe, margin
+        self._times: dict[int, list[float]] = {0: [], 1: []}
+        self._probing = False
+        self._left = first if first is not None else probe  # the first probe comes early: a batch can be short
+
+    @property
+    def threads(self) -> int:
+        return self.counts[self.current ^ 1 if self._probing else self.current]
+
+    def step(self, tokens: int, seconds: float) -> int:
+        """Record a decoding step (``tokens`` in ``seconds``); the thread count for the next step."""
+        which = self.current ^ 1 if self._probing else self.current
+        times = self._times[which]
+        times.append(seconds / max(tokens, 1))
+        del times[: -self.probe]
+        self._left -= 1
+        if self._left > 0:
+            return self.threads
+        if self._probing:
+            mine, other = _median(self._times[self.current]), _median(self._times[self.current ^ 1])
+            if other < mine * (1 - self.margin):
+                self.current ^= 1
+            self._probing, self._left = False, self.period
+        else:
+            self._probing, self._left = True, self.probe
+            self._times[self.current ^ 1] = []
+        return self.threads
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    return ys[len(ys) // 2] if ys else math.inf
+
+
 class Batcher:
-    """Owns a llama.cpp context with ``n_seq`` slots of ``n_ctx_seq`` tokens each, and its thread."""
+    """Owns a llama.cpp context with ``n_seq`` slots of ``n_ctx_seq`` tokens each, and its thread. With
+    ``tune_threads``, decoding steps pick between ``n_threads`` and one thread as :class:`ThreadTuner` finds
+    faster."""
 
     def __init__(
         self, llm: Any, name: str, n_seq: int, n_ctx_seq: int, n_threads: int, n_batch: int, flash_attn: bool = False,
-        kv_unified: bool = False, prompt_cache: bool = True,
+        kv_unified: bool = False, prompt_cache: bool = True, tune_threads: bool = False,
     ) -> None:
         self.llm = llm
         self.name = name
@@ -101,6 +160,8 @@ class Batcher:
         #: block, an earlier turn) and only the rest is evaluated.
         self.cached: list[list[int]] = [[] for _ in range(n_seq)]
         self.prompt_cache = prompt_cache
+        self.n_threads = n_threads
+        self.tuner = ThreadTuner((n_threads, 1)) if tune_threads and n_threads > 1 else None
         self.waiting: list[SeqJob] = []
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"unillm-batch-{name}", daemon=True)
@@ -290,9 +351,16 @@ class Batcher:
         if n == 0:
             return
         b.n_tokens = n
+        decoding = len(outputs) == n  # one token per sequence: no prompt in this step (what the tuner compares)
+        t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        if self.tuner is not None and decoding:
+            threads = self.tuner.step(n, time.perf_counter() - t0)
+            if threads != self.n_threads:
+                llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
+                self.n_threads = threads
         for slot, idx in outputs:
             token = self._sample(slot, idx)
             text = slot.job.text
