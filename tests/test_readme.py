@@ -52,6 +52,7 @@ def run(cmd: list[str], stdin: str | None = None, cwd=None, timeout: float = 600
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
+@pytest.mark.unit
 def test_every_block_is_run_here_or_skipped_with_its_reason():
     for kind, body in BLOCKS:
         handled = kind in ("python", "yaml") or body.startswith("pip install -e") or "unillm batch examples/" in body
@@ -97,6 +98,7 @@ def test_the_embeddings_block():
     assert int(tokens) > 5
 
 
+@pytest.mark.unit
 def test_the_registry_example_is_a_valid_registry_file(tmp_path):
     from unillm.registry import parse_file
 
