@@ -70,8 +70,15 @@ def test_cli_models_lists_registry_and_why_not():
     assert lines[0].split()[:4] == ["NAME", "BACKEND", "CONTEXT", "RUNS"]
     smol = next(line for line in lines if line.startswith("smollm2 "))
     assert " yes " in smol and "2048" in smol
-    vllm = next(line for line in lines if line.startswith("qwen-coder-vllm"))
-    assert " no: " in vllm
+    at = next(i for i, line in enumerate(lines) if line.startswith("qwen-coder-vllm"))
+    assert " no " in lines[at] and lines[at + 1].lstrip().startswith("why not:")
+    # It was 204 columns wide whatever the terminal: it fits COLUMNS, the reasons wrapped below their row.
+    import os
+
+    narrow = subprocess.run([sys.executable, "-m", "unillm", "models"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "80"})
+    assert narrow.returncode == 0 and max(map(len, narrow.stdout.splitlines())) <= 80, narrow.stdout
+    assert "needs an NVIDIA GPU" in " ".join(narrow.stdout.split())
     out = unillm_cli("models", "--json")
     import json
 

@@ -235,14 +235,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row, default=str))
         return 0
+    import shutil
+    import textwrap
+
+    width = max(shutil.get_terminal_size().columns, 40)  # COLUMNS, else the terminal's, else 80
     header = ("NAME", "BACKEND", "CONTEXT", "RUNS HERE", "SOURCE")
     table = [header] + [
-        (r["name"], r["backend"], str(r["context_window"]), "yes" if r["runs_here"] else f"no: {r['why_not']}", r["source"])
-        for r in rows
+        (r["name"], r["backend"], str(r["context_window"]), "yes" if r["runs_here"] else "no", r["source"]) for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    for row, r in zip(table, [None, *rows]):
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
+        print(line if len(line) <= width else line[: width - 3] + "...")
+        if r is not None and r["why_not"]:
+            print(textwrap.fill(r["why_not"], width, initial_indent="    why not: ", subsequent_indent="    "))
     for name, problem in registry.problems.items():
         print(f"{name}: refused: {problem}")
     for r in rows:
@@ -416,6 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnillmError as exc:
         print(f"unillm: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `unillm models | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except OSError as exc:  # a missing input file, an output path that is a folder, a port in use...
         where = f": {exc.filename}" if exc.filename else ""
         print(f"unillm: error: {exc.strerror or exc}{where}", file=sys.stderr)
