@@ -168,3 +168,14 @@ def test_vllm_pooling_runner_embeddings(monkeypatch, has_bf16):
         with pytest.raises(UnsupportedFeatureError) as e:
             eng.embed("smollm2-vllm", CAT)
         assert "task: embed" in str(e.value)
+
+
+def test_an_embedding_prints_nothing_on_stderr():
+    """Every embed() printed llama.cpp's 'model default pooling_type is [-1], but [1] was specified' (an
+    error-level line about a model that names no pooling of its own) despite verbose=False."""
+    from conftest import run_py
+
+    out = run_py("import sys\nfrom unillm import Engine\nwith Engine() as e:\n    e.load('smollm2')\n"
+                 "    print('---', file=sys.stderr, flush=True)\n    print(len(e.embed('smollm2', ['a cat']).vectors[0]))\n")
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) > 64 and out.stderr.split("---", 1)[1].strip() == "", out.stderr

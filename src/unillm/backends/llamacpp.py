@@ -64,6 +64,7 @@ try:
     import llama_cpp
     import numpy as np
     from llama_cpp import llama_chat_format
+    from llama_cpp._logger import llama_log_callback as _llama_log  # the callback it sets on import
 except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
     raise BackendNotInstalledError("llamacpp", "llama-cpp-python", "llamacpp") from _exc
 
@@ -173,6 +174,20 @@ def gpu_offload_supported() -> bool:
 
 
 _FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+
+#: llama.cpp lines that are logged as errors and are not: a GGUF that names no pooling of its own (SmolLM2),
+#: given the one its registry entry chooses for embeddings.
+_NOT_ERRORS = (b"model default pooling_type is [-1], but",)
+
+
+@llama_cpp.llama_log_callback
+def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama-cpp-python's log callback (what verbose=False prints: errors), less :data:`_NOT_ERRORS`."""
+    if not any(line in text for line in _NOT_ERRORS):
+        _llama_log(level, text, user_data)
+
+
+llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
 
 
 def gguf_meta(path: str, *keys: str) -> dict[str, str]:
