@@ -162,8 +162,7 @@ class _Core:
             for i, gen in enumerate(gens):
                 if gen.finish_reason == "cancelled":  # only unload or close stops a call that nobody cancelled
                     raise ModelUnloadedError(spec.name)
-                if gen.tool_calls and (structure is None or structure.mode != "auto"):
-                    raise GenerationError(spec.name, f"{spec.backend} returned tool calls that were not asked for")
+                _check_calls_asked(spec, structure, gen.tool_calls)
                 if structure is not None:
                     message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure), gen.tool_calls)
                 else:
@@ -278,8 +277,8 @@ class _Core:
             with self._errors(spec, backend):
                 async for piece in pieces:
                     if piece.tool_calls:
-                        if shaper is None or shaper.s.mode != "auto":  # no tools asked for, or one call forced
-                            raise GenerationError(spec.name, f"{spec.backend} returned tool calls that were not asked for")
+                        _check_calls_asked(spec, shaper.s if shaper is not None else None, piece.tool_calls)
+                        assert shaper is not None
                         shaper.given.extend(piece.tool_calls)
                     text = shaper.feed(piece.text) if shaper is not None else piece.text
                     if piece.finish_reason is None:
@@ -369,6 +368,12 @@ class _Core:
         while self.backends:
             _, backend = self.backends.popitem()
             await backend.aclose()
+
+
+def _check_calls_asked(spec: ModelSpec, structure: Structure | None, calls: list[tuple[str, Any]] | None) -> None:
+    """Tool calls a backend's library read are only taken where tools were offered and none was forced."""
+    if calls and (structure is None or structure.mode != "auto"):
+        raise GenerationError(spec.name, f"{spec.backend} returned tool calls that were not asked for")
 
 
 def _parser(backend: Backend, structure: Structure) -> ToolCallParser | None:
