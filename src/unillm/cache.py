@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -64,6 +65,15 @@ def _stamp(path: str) -> str:
     return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's content, read 4 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def content_digest(path: str) -> str:
     """The SHA-256 of a file's content, computed once per (path, size, modification time)."""
     stamp = _stamp(path)
@@ -71,11 +81,7 @@ def content_digest(path: str) -> str:
     known = index["digests"].get(stamp)
     if isinstance(known, str):
         return known
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     index = _read_index()  # again: another process may have written it meanwhile
     index["digests"] = {k: v for k, v in index["digests"].items() if not k.startswith(os.path.abspath(path) + "|")}
     index["digests"][stamp] = digest
@@ -111,7 +117,7 @@ class CacheEntry:
     kept: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sources": self.sources, "kept": self.kept}
+        return dataclasses.asdict(self)
 
 
 def _size(path: Path) -> int:

@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
+from .cache import sha256_file
 from .system import cache_root
 
 MODEL = "application/vnd.ollama.image.model"
@@ -66,14 +66,6 @@ def blob_path(root: Path, digest: Any, name: str = "") -> Path:
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         raise ModelLoadError(name or "?", f"the manifest names a layer digest {digest!r}, which is not sha256:<64 hex digits>")
     return root / "blobs" / digest.replace(":", "-")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verified_cache() -> Path:
