@@ -15,6 +15,7 @@ import ctypes
 import math
 import queue
 import random
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -118,8 +119,7 @@ class ThreadTuner:
 
 
 def _median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    return ys[len(ys) // 2] if ys else math.inf
+    return statistics.median_high(xs) if xs else math.inf
 
 
 class Batcher:
