@@ -98,7 +98,9 @@ def test_llm_with_llm_ollama(server, tmp_path):
     pytest.importorskip("llm_ollama")
     out = llm_cli(server, tmp_path, "models")
     assert out.returncode == 0, out.stderr
-    listed = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("Ollama:")]
+    # llm-ollama 0.19 registers each model as "ollama/<name>"; earlier releases used the bare name.
+    ids = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("Ollama:")]
+    listed = {i.removeprefix("ollama/"): i for i in ids}
     # Every model the server offers (which depends on the extras installed: smollm2-hf with transformers,
     # smollm2-vllm with vLLM), each under its own name.
     import ollama
@@ -112,7 +114,7 @@ def test_llm_with_llm_ollama(server, tmp_path):
         out = llm_cli(server, tmp_path, "embed-models")
         assert out.returncode == 0, out.stderr
         assert all(any(name in line for line in out.stdout.splitlines()) for name in embed_only), out.stdout
-    out = llm_cli(server, tmp_path, "-m", "smollm2", "-o", "temperature", "0",
+    out = llm_cli(server, tmp_path, "-m", listed["smollm2"], "-o", "temperature", "0",
                   "What is the capital of France? Answer in one word.")
     assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
 
