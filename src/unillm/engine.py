@@ -42,6 +42,8 @@ from .errors import (
     UnillmError,
     UnsupportedFeatureError,
 )
+from .completions import Prompt
+from .textgen import CoreText, EngineText
 from .messages import validate_messages
 from .params import ChatParams, merge_params
 from ._loop import LoopThread
@@ -53,6 +55,7 @@ from .types import (
     ChatCompletion,
     ChatCompletionChunk,
     Choice,
+    Completion,
     ChunkChoice,
     Delta,
     Embedding,
@@ -62,15 +65,17 @@ from .types import (
     Usage,
 )
 
+#: A chat input (messages, or one user message as a string); in a batch, also a completion Prompt.
 Messages = Sequence[Mapping[str, Any] | Message] | str
 
 
-class _Core:
+class _Core(CoreText):
     """The async core; every method runs on the engine's own loop."""
 
-    def __init__(self, registry: Registry, fallbacks: bool) -> None:
+    def __init__(self, registry: Registry, fallbacks: bool, registry_max_tokens: bool = True) -> None:
         self.registry = registry
         self.fallbacks = fallbacks
+        self.registry_max_tokens = registry_max_tokens
         self.backends: dict[str, Backend] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         #: Finished requests by how they ended: stop, length, cancelled (closed early), error.
@@ -129,12 +134,15 @@ class _Core:
         raise first
 
     async def _prepare(
-        self, model: str, messages: Messages, params: dict[str, Any]
+        self, model: str, messages: Messages, params: dict[str, Any], prompt: Prompt | None = None
     ) -> tuple[ModelSpec, Backend, Request, float, _Fallback | None]:
-        msgs = validate_messages(messages)
+        msgs = validate_messages(messages) if prompt is None else []
         spec, backend, load_s, fallback = await self.serving(model)
         if spec.task == "embed":
-            raise UnsupportedFeatureError(spec.backend, f"chat with {spec.name!r}: its registry entry is an embedding model (task: embed); use Engine.embed")
+            what = "chat" if prompt is None else "completion"
+            raise UnsupportedFeatureError(spec.backend, f"{what} with {spec.name!r}: its registry entry is an embedding model (task: embed); use Engine.embed")
+        if prompt is not None and {"response_format", "tools", "tool_choice"} & {k for k, v in params.items() if v is not None}:
+            raise InvalidRequestError("response_format, tools and tool_choice apply to chat, not to a completion")
         asked = [k for k in ("logprobs", "top_logprobs") if params.get(k)]
         if asked and not backend.capabilities.logprobs:
             raise UnsupportedFeatureError(spec.backend, f"{' and '.join(asked)} (model {spec.name!r}; llama.cpp and vLLM models return them)")
@@ -144,24 +152,32 @@ class _Core:
             raise UnsupportedFeatureError(spec.backend, f"tools (model {spec.name!r})")
         if structure is not None and structure.mode == "json" and not caps.json_schema:
             raise UnsupportedFeatureError(spec.backend, f"response_format, a JSON answer (model {spec.name!r})")
-        return spec, backend, Request(new_request_id(), msgs, sampling), load_s, fallback
+        if not self.registry_max_tokens and params.get("max_tokens") is None:
+            sampling.max_tokens = None  # a client that sets no limit gets the end of the context (as Ollama, OpenAI)
+        rid = new_request_id() if prompt is None else new_request_id("cmpl")
+        return spec, backend, Request(rid, msgs, sampling, prompt=prompt), load_s, fallback
+
+    async def generations(self, spec: ModelSpec, backend: Backend, req: Request) -> list[Generation]:
+        """The request's ``n`` answers: n requests of the same prompt, each with its own seed (seed + i when a
+        seed is given)."""
+        reqs = [req] + [
+            dataclasses.replace(req, id=f"{req.id}-{i}", params=dataclasses.replace(
+                req.params, seed=None if req.params.seed is None else (req.params.seed + i) % 2**32))
+            for i in range(1, req.params.n)
+        ]
+        with self._errors(spec, backend):
+            gens: list[Generation] = list(await asyncio.gather(*(backend.generate(r) for r in reqs)))
+        if any(g.finish_reason == "cancelled" for g in gens):  # only unload or close stops a call nobody cancelled
+            raise ModelUnloadedError(spec.name)
+        return gens
 
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         structure: Structure | None = req.params.structure
-        # n > 1: n requests of the same prompt, each with its own seed (seed + i when a seed is given).
-        reqs = [req] + [
-            Request(new_request_id(), req.messages, dataclasses.replace(
-                req.params, seed=None if req.params.seed is None else (req.params.seed + i) % 2**32), req.started)
-            for i in range(1, req.params.n)
-        ]
         try:
-            with self._errors(spec, backend):
-                gens: list[Generation] = list(await asyncio.gather(*(backend.generate(r) for r in reqs)))
+            gens = await self.generations(spec, backend, req)
             choices = []
             for i, gen in enumerate(gens):
-                if gen.finish_reason == "cancelled":  # only unload or close stops a call that nobody cancelled
-                    raise ModelUnloadedError(spec.name)
                 _check_calls_asked(spec, structure, gen.tool_calls)
                 if structure is not None:
                     message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure), gen.tool_calls)
@@ -190,7 +206,7 @@ class _Core:
         )
 
     async def batch(
-        self, model: str, items: Sequence[Messages], params: dict[str, Any], *, progress: bool = True,
+        self, model: str, items: Sequence[Messages | Prompt], params: dict[str, Any], *, progress: bool = True,
         concurrency: int | None = None, on_result: Callable[[BatchResult], None] | None = None,
     ) -> list[BatchResult]:
         """Many items through one model, in input order, one failure isolated, with a progress bar. Loads the
@@ -207,14 +223,17 @@ class _Core:
         callbacks = ThreadPoolExecutor(1, thread_name_prefix="unillm-on-result") if on_result is not None else None
         loop = asyncio.get_running_loop()
 
-        async def one(i: int, item: Messages) -> BatchResult:
+        async def one(i: int, item: Messages | Prompt) -> BatchResult:
             nonlocal done, failed, tokens
             async with gate:
                 try:
-                    res = BatchResult(i, response=await self.chat(model, item, params))
+                    if isinstance(item, Prompt):
+                        res = BatchResult(i, response=await self.complete(model, item, params))
+                    else:
+                        res = BatchResult(i, response=await self.chat(model, item, params))
                 except UnillmError as exc:
                     res = BatchResult(i, error=exc)
-            if isinstance(res.response, ChatCompletion):
+            if isinstance(res.response, (ChatCompletion, Completion)) and res.response.usage is not None:
                 done += 1
                 tokens += res.response.usage.completion_tokens
             else:
@@ -438,7 +457,7 @@ async def _prepend(
         await rest.aclose()
 
 
-class Engine:
+class Engine(EngineText):
     """Runs registry models in this process and routes each call by model name.
 
     Args:
@@ -448,6 +467,9 @@ class Engine:
         fallbacks: when a model cannot run here (backend missing, no GPU, load failure), serve the call
             with the first of its registry ``fallbacks`` that can; the result's ``requested_model`` and
             ``fallback_reason`` say so. Default: off, or ``UNILLM_FALLBACKS=1``.
+        registry_max_tokens: a call that sets no ``max_tokens`` is capped by its entry's ``defaults.max_tokens``
+            (when the entry sets one). ``unillm serve`` turns it off: a client that sends no limit generates
+            until a stop or the end of the context window, as with Ollama and OpenAI.
 
     Example:
         >>> from unillm import Engine
@@ -464,11 +486,12 @@ class Engine:
         builtin: bool = True,
         registry: Registry | None = None,
         fallbacks: bool | None = None,
+        registry_max_tokens: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else Registry.load(config, builtin=builtin)
         if fallbacks is None:
             fallbacks = os.environ.get("UNILLM_FALLBACKS", "").lower() in ("1", "true", "yes")
-        self._core = _Core(self.registry, fallbacks)
+        self._core = _Core(self.registry, fallbacks, registry_max_tokens)
         self._loop = LoopThread()
         self._closed = False
         #: The process that owns the models and the loop thread; a forked child has neither.
@@ -545,7 +568,7 @@ class Engine:
     # -- batches ------------------------------------------------------------------------------------
 
     def batch(
-        self, model: str, items: Sequence[Messages], *, progress: bool = True, concurrency: int | None = None,
+        self, model: str, items: Sequence[Messages | Prompt], *, progress: bool = True, concurrency: int | None = None,
         on_result: Callable[[BatchResult], None] | None = None, **params: Unpack[ChatParams],
     ) -> list[BatchResult]:
         """Answer many items (message lists or prompt strings); results come back in input order.
@@ -569,7 +592,7 @@ class Engine:
         )
 
     async def abatch(
-        self, model: str, items: Sequence[Messages], *, progress: bool = True, concurrency: int | None = None,
+        self, model: str, items: Sequence[Messages | Prompt], *, progress: bool = True, concurrency: int | None = None,
         on_result: Callable[[BatchResult], None] | None = None, **params: Unpack[ChatParams],
     ) -> list[BatchResult]:
         """The async twin of :meth:`batch`."""

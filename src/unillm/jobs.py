@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .completions import Prompt
+from .textgen import make_prompt
 from .errors import ConfigError, InvalidRequestError, JobError
 from .records import embed_each, result_record
 from .types import BatchResult
@@ -117,10 +119,13 @@ def load_template(path: str | os.PathLike[str] | None) -> string.Template:
     return string.Template(Path(path).read_text(encoding="utf-8"))
 
 
-def to_messages(record: dict[str, Any], template: string.Template, text_field: str) -> list[dict[str, str]] | str:
-    """The chat input of one record: its ``messages``, or its text field filled into the template."""
+def to_messages(record: dict[str, Any], template: string.Template, text_field: str) -> list[dict[str, str]] | str | Prompt:
+    """The input of one record: its ``messages``; its ``prompt`` (and ``suffix``), a raw or fill-in-the-middle
+    completion; or its text field filled into the template (a chat message)."""
     if "messages" in record:
         return record["messages"]  # type: ignore[no-any-return]
+    if "prompt" in record:
+        return make_prompt(record["prompt"], record.get("suffix"), record.get("files"), False, {})
     if text_field not in record:
         raise InvalidRequestError(f"record has neither 'messages' nor the text field {text_field!r}")
     try:
@@ -280,7 +285,7 @@ def _run(
 ) -> JobSummary:
     done, repaired = read_done(out.path)  # under the lock
     summary = JobSummary(repaired_torn_line=repaired, total=len(records))
-    todo: list[tuple[str, list[dict[str, str]] | str]] = []
+    todo: list[tuple[str, list[dict[str, str]] | str | Prompt]] = []
     unusable: list[tuple[str, str]] = []
     ids: dict[str, Any] = {}  # id key -> the record's own id
     for _, rec, problem in records:

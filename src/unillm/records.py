@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import InvalidRequestError, UnillmError
-from .types import BatchResult, EmbeddingResponse
+from .types import BatchResult, Completion, EmbeddingResponse
 
 
 def embed_each(
@@ -38,12 +38,20 @@ def embed_each(
 
 def result_record(rid: str, model: str, res: BatchResult) -> dict[str, Any]:
     """The output line of one record: its answer (or vector), usage and timings, or its error."""
+    out: dict[str, Any]
     if isinstance(res.response, EmbeddingResponse):
         e = res.response
         return {"id": rid, "model": e.model, "embedding": e.data[0].embedding, "usage": {"prompt_tokens": e.usage.prompt_tokens}}
+    if isinstance(res.response, Completion):
+        c = res.response
+        out = {"id": rid, "model": c.model, "answer": c.text, "finish_reason": c.finish_reason,
+               "usage": c.usage.to_dict() if c.usage else None, "timings": c.timings.to_dict() if c.timings else None}
+        if len(c.choices) > 1:
+            out["answers"] = [choice.text for choice in c.choices]
+        return out
     if res.response is not None:
         r = res.response
-        out: dict[str, Any] = {
+        out = {
             "id": rid, "model": r.model, "answer": r.text, "finish_reason": r.finish_reason,
             "usage": r.usage.to_dict(), "timings": r.timings.to_dict(),
         }

@@ -48,6 +48,7 @@ from pydantic import (
     model_validator,
 )
 
+from .completions import FimBlock
 from .errors import ConfigError, InvalidRequestError, ModelLoadError, UnknownModelError
 from .backends import BUILTIN, check_options
 from .params import PARAMS
@@ -131,6 +132,8 @@ class ModelSpec(_Strict):
     task: Literal["chat", "embed"] = "chat"
     requires: Literal["any", "cpu", "cuda"] = "any"
     min_gpu_memory_gb: float | None = Field(None, gt=0)
+    #: The FIM markers of a code model whose files lack them, or to override them (see unillm.completions).
+    fim: FimBlock | None = None
 
     _config_file: str | None = PrivateAttr(None)
 

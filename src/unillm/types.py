@@ -254,6 +254,55 @@ class ChatCompletionChunk:
 
 
 @dataclass(slots=True)
+class CompletionChoice:
+    """One continuation of a completion (or, in a stream, the text one chunk adds)."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    #: With ``logprobs``: OpenAI's completion shape, ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``.
+    logprobs: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "text": self.text, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+
+
+@dataclass(slots=True)
+class Completion:
+    """The answer to ``Engine.complete`` (OpenAI ``text_completion`` shape): ``choices[i].text``,
+    ``finish_reason``, ``usage``; ``r.text`` is the first choice's text. In a stream each chunk is a Completion
+    too, whose last one has ``finish_reason``, ``usage`` and ``timings``."""
+
+    id: str
+    model: str
+    backend: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    timings: Timings | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    object: str = "text_completion"
+    requested_model: str | None = None
+    fallback_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text if self.choices else ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason if self.choices else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                               "choices": [c.to_dict() for c in self.choices]}
+        if self.usage is not None:
+            out["usage"] = self.usage.to_dict()
+        out["unillm"] = {"backend": self.backend, "timings": self.timings.to_dict() if self.timings else None,
+                         "requested_model": self.requested_model, "fallback_reason": self.fallback_reason}
+        return out
+
+
+@dataclass(slots=True)
 class Embedding:
     """One input's vector."""
 
@@ -295,7 +344,7 @@ class BatchResult:
     """
 
     index: int
-    response: ChatCompletion | EmbeddingResponse | None = None
+    response: ChatCompletion | Completion | EmbeddingResponse | None = None
     error: UnillmError | None = None
 
     @property
@@ -304,4 +353,4 @@ class BatchResult:
 
     @property
     def text(self) -> str | None:
-        return self.response.text if isinstance(self.response, ChatCompletion) else None
+        return self.response.text if isinstance(self.response, (ChatCompletion, Completion)) else None

@@ -36,8 +36,11 @@ def stop_holdback(text: str, stops: list[str]) -> int:
 class TokenText:
     """The answer of one sequence as its tokens arrive."""
 
-    def __init__(self, request: Request, prompt_tokens: int, max_tokens: int, stops: list[str]) -> None:
+    def __init__(self, request: Request, prompt_tokens: int, max_tokens: int, stops: list[str],
+                 stop_ids: frozenset[int] = frozenset()) -> None:
         self.request = request
+        #: Tokens that end the answer besides the model's end tokens (a FIM model's file separator).
+        self.stop_ids = stop_ids
         self.prompt_tokens = prompt_tokens
         self.cached_tokens = 0
         self.max_tokens = max_tokens

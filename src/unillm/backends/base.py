@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..completions import FimTokens, Prompt
 from ..errors import ModelUnloadedError, UnillmError, UnsupportedFeatureError
 from ..params import SamplingParams
 from ..registry import ModelSpec
@@ -32,8 +33,8 @@ from ..types import Message, Usage
 _ids = itertools.count(1)
 
 
-def new_request_id() -> str:
-    return f"chatcmpl-{time.time_ns():x}{next(_ids):04x}"
+def new_request_id(kind: str = "chatcmpl") -> str:
+    return f"{kind}-{time.time_ns():x}{next(_ids):04x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +50,14 @@ class Capabilities:
 
 @dataclass(slots=True)
 class Request:
-    """One validated chat request, as a backend receives it."""
+    """One validated request, as a backend receives it: a chat (``messages``), or with ``prompt`` a raw or
+    fill-in-the-middle completion (no chat template; see :mod:`unillm.completions`)."""
 
     id: str
     messages: list[Message]
     params: SamplingParams
     started: float = field(default_factory=time.perf_counter)
+    prompt: Prompt | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +123,22 @@ class Backend(ABC):
         """One L2-normalized vector per text, and the number of tokens read. A text longer than the context
         window is a ContextWindowExceededError, or with ``truncate`` cut to the window's first tokens."""
         raise UnsupportedFeatureError(self.name, f"embeddings (model {self.spec.name!r})")
+
+    async def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """The model's token ids of ``text`` (no BOS; ``special``: control-token texts become those tokens)."""
+        raise UnsupportedFeatureError(self.name, f"tokenize (model {self.spec.name!r}: its tokenizer is not in this process)")
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids."""
+        raise UnsupportedFeatureError(self.name, f"detokenize (model {self.spec.name!r}: its tokenizer is not in this process)")
+
+    async def chat_tokens(self, request: Request) -> int:
+        """How many tokens the request's messages take once its chat template renders them."""
+        raise UnsupportedFeatureError(self.name, f"count_tokens (model {self.spec.name!r}: its tokenizer is not in this process)")
+
+    def fim(self) -> FimTokens | None:
+        """The loaded model's FIM format (registry ``fim:`` block or its own tokens), None when it has none."""
+        return None
 
     def dead(self) -> str | None:
         """Why this loaded backend can serve nothing more (its engine process died), or None. The engine

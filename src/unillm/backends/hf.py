@@ -30,6 +30,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..convert import model_folder
+from ..completions import FimTokens, TokenizerVocab, family_tokens, fim_tokens, prompt_ids
 from ..params import fit_max_tokens
 from ..templates import bounded
 from ..registry import ModelSpec
@@ -125,8 +126,6 @@ class HFBackend(ThreadedBackend):
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(self.spec.name, f"transformers could not load {folder}: {exc}") from exc
         self.model.to(self.device).eval()
-        if not self.tokenizer.chat_template:
-            raise ModelLoadError(self.spec.name, f"{folder} has no chat template (a base model?)")
 
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "dtype": self.options.dtype, "transformers": transformers.__version__}
@@ -150,16 +149,13 @@ class HFBackend(ThreadedBackend):
         if request.params.presence_penalty or request.params.frequency_penalty:
             raise UnsupportedFeatureError("hf", "presence_penalty and frequency_penalty (transformers has only "
                                                 "repetition_penalty, which counts differently)")
-        msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
-        with bounded(self.spec.name):
-            ids = self.tokenizer.apply_chat_template(
-                msgs, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        prompt = ids["input_ids"].to(self.device)
+        token_ids, stops, stop_ids = self._prompt(request)
+        prompt = torch.tensor([token_ids], device=self.device)
         p = request.params
         max_tokens = fit_max_tokens(self.spec.name, prompt.shape[1], self.spec.context_window, p)
-        out = TokenText(request, prompt.shape[1], max_tokens, list(p.stop))
+        out = TokenText(request, prompt.shape[1], max_tokens, list(p.stop) + stops, stop_ids)
         eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | stop_ids
         streamer = _Tokens(self.tokenizer, out, eos_ids, emit)
         sample = p.temperature > 0
         if p.seed is not None:
@@ -169,7 +165,7 @@ class HFBackend(ThreadedBackend):
         with torch.inference_mode():
             self.model.generate(
                 logits_processor=transformers.LogitsProcessorList(processors),
-                input_ids=prompt, attention_mask=ids["attention_mask"].to(self.device), max_new_tokens=max_tokens,
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
                 do_sample=sample, temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
                 top_k=None, streamer=streamer, stopping_criteria=transformers.StoppingCriteriaList([_Stop(streamer, cancel)]),
                 pad_token_id=self.tokenizer.pad_token_id or next(iter(eos_ids), None),
@@ -178,6 +174,44 @@ class HFBackend(ThreadedBackend):
         if emit is not None:
             emit(out.last_piece(result))
         return result
+
+    def _chat_ids(self, request: Request) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise UnsupportedFeatureError("hf", f"chat with model {self.spec.name!r}: its tokenizer has no chat template "
+                                                "(a base model: use Engine.complete)")
+        msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
+        with bounded(self.spec.name):
+            ids = self.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, return_dict=True)
+        return list(ids["input_ids"])
+
+    def _prompt(self, request: Request) -> tuple[list[int], list[str], frozenset[int]]:
+        """The prompt's token ids, and the stop strings and tokens a FIM format adds."""
+        if request.prompt is None:
+            return self._chat_ids(request), [], frozenset()
+        vocab = self._vocab()
+        fim = fim_tokens(self.spec.name, self.name, vocab, family_tokens(vocab), self.spec.fim) if request.prompt.fim else None
+        ids = prompt_ids(vocab, fim, request.prompt, self.spec.name, self.name)
+        return ids, list(fim.stop) if fim else [], fim.stop_ids if fim else frozenset()
+
+    def _vocab(self) -> TokenizerVocab:
+        if self.tokenizer is None or self.model is None:
+            raise ModelUnloadedError(self.spec.name)
+        return TokenizerVocab(self.tokenizer)
+
+    def fim(self) -> FimTokens | None:
+        vocab = self._vocab()
+        native = family_tokens(vocab)
+        return fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if native or self.spec.fim else None
+
+    async def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return await asyncio.to_thread(self._vocab().tokenize, text, special)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await asyncio.to_thread(self._vocab().tokenizer.decode, ids)  # type: ignore[no-any-return]
+
+    async def chat_tokens(self, request: Request) -> int:
+        self._vocab()
+        return len(await asyncio.to_thread(self._chat_ids, request))
 
     async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
         return await self._submit(self._embed, texts, truncate)  # type: ignore[no-any-return]

@@ -23,17 +23,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
 import random
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import (
+    UnsupportedFeatureError,
     BackendNotInstalledError,
     ContextWindowExceededError,
     GenerationError,
@@ -41,6 +43,7 @@ from ..errors import (
     ModelLoadError,
     ModelUnloadedError,
 )
+from ..completions import FimTokens, Prompt, family_tokens, fim_tokens, prompt_ids
 from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..templates import bounded
@@ -191,8 +194,48 @@ def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
 
 
-def gguf_meta(path: str, *keys: str) -> dict[str, str]:
-    """Metadata values of a GGUF (those of ``keys`` that it has), read with the vocabulary only (no weights)."""
+class GGUFVocab:
+    """A GGUF's tokenizer (of a loaded model, or of one loaded with its vocabulary only), as
+    :mod:`unillm.completions` builds prompts with it. llama.cpp's vocabulary is read-only: any thread may use it."""
+
+    def __init__(self, model: Any) -> None:
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.bos = bos if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos != -1 else None
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        if not text:
+            return []
+        raw = text.encode("utf-8")
+        size = len(raw) + 8
+        for _ in range(2):
+            buf = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, size, False, special)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n  # the room it needs
+        raise RuntimeError(f"llama_tokenize returned {n}")
+
+    def text(self, token: int) -> str:
+        return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+
+def gguf_fim(vocab: GGUFVocab) -> FimTokens | None:
+    """The FIM tokens a GGUF names (``tokenizer.ggml.fim_*_token_id``, or what llama.cpp's loader recognised
+    by their text), else those of a known family that its vocabulary has; None when it has none."""
+    v = vocab.vocab
+    pre, suf, mid = (f(v) for f in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf, llama_cpp.llama_vocab_fim_mid))
+    if -1 in (pre, suf, mid):
+        return family_tokens(vocab)
+    rep, sep, pad = (f(v) for f in (llama_cpp.llama_vocab_fim_rep, llama_cpp.llama_vocab_fim_sep, llama_cpp.llama_vocab_fim_pad))
+    return FimTokens((pre,), (suf,), (mid,), "psm", (rep,) if rep != -1 else None, (sep,) if sep != -1 else None,
+                     frozenset(t for t in (rep, sep, pad) if t != -1), source="gguf",
+                     names=(vocab.text(pre), vocab.text(suf), vocab.text(mid)))
+
+
+@contextlib.contextmanager
+def vocab_only(path: str) -> Iterator[tuple[Any, GGUFVocab]]:
+    """A GGUF loaded with its vocabulary only (no weights, no context): the model pointer and its vocabulary."""
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # what Llama(verbose=False) sets
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
@@ -200,14 +243,32 @@ def gguf_meta(path: str, *keys: str) -> dict[str, str]:
     if not model:
         raise ValueError(f"{path} is not a GGUF llama.cpp can read")
     try:
+        yield model, GGUFVocab(model)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def gguf_meta(path: str, *keys: str) -> dict[str, str]:
+    """Metadata values of a GGUF (those of ``keys`` that it has), read with the vocabulary only (no weights)."""
+    with vocab_only(path) as (model, _):
         out = {}
         buf = ctypes.create_string_buffer(256)
         for key in keys:
             if llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf)) > 0:
                 out[key] = buf.value.decode("utf-8", errors="replace")
         return out
-    finally:
-        llama_cpp.llama_model_free(model)
+
+
+@functools.lru_cache(maxsize=64)
+def gguf_facts(path: str, mtime: float = 0.0) -> dict[str, Any]:
+    """What a GGUF says of itself without its weights: ``architecture``, ``context_length`` (trained),
+    ``file_type`` and ``fim`` (whether it has FIM tokens). ``mtime`` keys the cache."""
+    arch = gguf_meta(path, "general.architecture").get("general.architecture", "")
+    meta = gguf_meta(path, f"{arch}.context_length", "general.file_type")
+    with vocab_only(path) as (_, vocab):
+        fim = gguf_fim(vocab) is not None
+    return {"architecture": arch, "context_length": int(meta.get(f"{arch}.context_length", 0) or 0),
+            "file_type": ftype_name(int(meta.get("general.file_type", -1))), "fim": fim}
 
 
 def file_type(path: str) -> int:
@@ -331,6 +392,8 @@ class LlamaCppBackend(ThreadedBackend):
         self._llm: Any = None
         self._formatter: Any = None
         self._template: str | None = None
+        self._vocab: GGUFVocab | None = None
+        self._native_fim: FimTokens | None = None
         self._info: dict[str, Any] = {}
         self._batcher: Batcher | None = None
         self._embedder: Any = None
@@ -365,13 +428,8 @@ class LlamaCppBackend(ThreadedBackend):
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(self.spec.name, f"llama.cpp could not load {path}: {exc}") from exc
+        # A base model (no chat template) completes text; chat asks for options.chat_template.
         template = o.chat_template or llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            llm.close()
-            raise ModelLoadError(
-                self.spec.name,
-                f"{path} has no chat template (a base model?); set options.chat_template in the registry",
-            )
         self._template = template
         eos, bos = llm.token_eos(), llm.token_bos()
         self._formatter = llama_chat_format.Jinja2ChatFormatter(
@@ -379,7 +437,9 @@ class LlamaCppBackend(ThreadedBackend):
             eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
             bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
             stop_token_ids=[eos],
-        )
+        ) if template else None
+        self._vocab = GGUFVocab(llm.model)
+        self._native_fim = gguf_fim(self._vocab)
         if o.parallel > 1:
             try:
                 self._batcher = Batcher(
@@ -507,15 +567,56 @@ class LlamaCppBackend(ThreadedBackend):
             kw["logits_processor"] = llama_cpp.LogitsProcessorList([_guarded(p, failures) for p in procs])
         return kw
 
-    def _tokens(self, llm: Any, request: Request) -> tuple[list[int], int, list[str]]:
-        """Prompt tokens, the max_tokens that fit, and the stop strings (runs on the worker)."""
+    def fim(self) -> FimTokens | None:
+        """The model's FIM format: its registry ``fim:`` block, else the GGUF's tokens (None: neither)."""
+        if self._vocab is None:
+            raise ModelUnloadedError(self.spec.name)
+        if self.spec.fim is None and self._native_fim is None:
+            return None
+        return fim_tokens(self.spec.name, self.name, self._vocab, self._native_fim, self.spec.fim)
+
+    def _chat_tokens(self, llm: Any, request: Request) -> tuple[list[int], list[str]]:
+        """The chat prompt's tokens and the template's stop strings."""
+        if self._formatter is None:
+            raise UnsupportedFeatureError(self.name, f"chat with model {self.spec.name!r}: its GGUF has no chat template "
+                                          "(a base model: use Engine.complete, or set options.chat_template)")
         messages, tools = chat_inputs(request, self._template)
         with bounded(self.spec.name):
             fmt = self._formatter(messages=messages, tools=tools)
         tokens = llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
+        return tokens, [s for s in (fmt.stop or []) if s]
+
+    def _tokens(self, llm: Any, request: Request) -> tuple[list[int], int, list[str], frozenset[int]]:
+        """Prompt tokens, the max_tokens that fit, the stop strings and the stop tokens besides the model's
+        end tokens (runs on the worker)."""
+        stop_ids: frozenset[int] = frozenset()
+        if request.prompt is None:
+            tokens, more = self._chat_tokens(llm, request)
+        else:
+            vocab = self._vocab
+            assert vocab is not None  # loaded: _model() answered
+            fim = fim_tokens(self.spec.name, self.name, vocab, self._native_fim, self.spec.fim) if request.prompt.fim else None
+            tokens = prompt_ids(vocab, fim, request.prompt, self.spec.name, self.name)
+            more, stop_ids = (list(fim.stop), fim.stop_ids) if fim is not None else ([], frozenset())
         max_tokens = fit_max_tokens(self.spec.name, len(tokens), self.spec.context_window, request.params)
-        stops = list(request.params.stop) + [s for s in (fmt.stop or []) if s]
-        return tokens, max_tokens, stops
+        return tokens, max_tokens, list(request.params.stop) + more, stop_ids
+
+    async def tokenize(self, text: str, special: bool = False) -> list[int]:
+        vocab = self._vocab
+        if vocab is None:
+            raise ModelUnloadedError(self.spec.name)
+        return await self._submit(vocab.tokenize, text, special)  # type: ignore[no-any-return]
+
+    async def detokenize(self, ids: list[int]) -> str:
+        llm = self._model()
+        n = llm.n_vocab()
+        if bad := [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n]:
+            raise InvalidRequestError(f"token id(s) {bad[:5]} are not in model {self.spec.name!r}'s vocabulary of {n}")
+        raw = await self._submit(llm.detokenize, ids)
+        return bytes(raw).decode("utf-8", errors="replace")
+
+    async def chat_tokens(self, request: Request) -> int:
+        return len((await self._submit(lambda: self._chat_tokens(self._model(), request)))[0])
 
     def _model(self) -> Any:
         """The loaded Llama, taken once per request: unload may clear it from another thread meanwhile."""
@@ -532,17 +633,17 @@ class LlamaCppBackend(ThreadedBackend):
         if (grammar := kw.pop("grammar_text")) is not None:  # Llama makes its own sampler: parse it here first
             llama_cpp.llama_sampler_free(grammar_sampler(llm, *grammar))
         llm.last_n_tokens_size = kw.pop("repeat_last_n")  # read by generate's sampler; one request at a time here
-        tokens, max_tokens, stops = self._tokens(llm, request)
+        tokens, max_tokens, stops, stop_ids = self._tokens(llm, request)
         p = request.params
         llm.set_seed(p.seed if p.seed is not None else random.randint(0, 2**31 - 1))
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        out = TokenText(request, len(tokens), max_tokens, stops)
+        out = TokenText(request, len(tokens), max_tokens, stops, stop_ids)
         gen: Generator[int, Any, None] = llm.generate(tokens, temp=p.temperature, top_p=p.top_p, reset=True, **kw)
         try:
             for token in gen:
                 if failures:
                     raise GenerationError(self.spec.name, f"a logits processor raised {failures[0]!r}") from failures[0]
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if llama_cpp.llama_vocab_is_eog(vocab, token) or token in out.stop_ids:
                     out.end_of_generation()
                     break
                 if out.logprobs is not None:  # the logits of the step that chose this token (the context's last)
@@ -567,11 +668,12 @@ class LlamaCppBackend(ThreadedBackend):
         llm = self._model()
         sampling = self._sampling(llm, request, [])
         check_batchable(self.spec.name, request.params.extra)
-        tokens, max_tokens, stops = self._tokens(llm, request)
+        tokens, max_tokens, stops, stop_ids = self._tokens(llm, request)
         text = sampling.pop("grammar_text")
         # The grammar's sampler is made here, not on the batcher's thread: every sequence waits for that one.
         grammar = grammar_sampler(llm, *text) if text is not None else None
-        return SeqJob(request, tokens, TokenText(request, len(tokens), max_tokens, stops), sampling, emit, cancel, grammar)
+        out = TokenText(request, len(tokens), max_tokens, stops, stop_ids)
+        return SeqJob(request, tokens, out, sampling, emit, cancel, grammar)
 
     async def _start(
         self, request: Request, cancel: threading.Event, emit: Callable[[Piece], None] | None

@@ -364,7 +364,7 @@ class Batcher:
         for slot, idx in outputs:
             token = self._sample(slot, idx)
             text = slot.job.text
-            if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            if llama_cpp.llama_vocab_is_eog(self.vocab, token) or token in text.stop_ids:
                 text.end_of_generation()
                 self._finish(slot)
                 continue

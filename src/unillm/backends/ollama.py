@@ -26,7 +26,9 @@ from typing import Any
 
 
 from .. import ollama_store
+from ..completions import FimTokens
 from ..errors import (
+    UnsupportedFeatureError,
     BackendNotInstalledError,
     BackendUnavailableError,
     GenerationError,
@@ -206,13 +208,46 @@ class OllamaBackend(Backend):
             r = await self.client.embed(model=self.tag, input=texts, truncate=truncate, keep_alive=self.options.keep_alive)
         return [list(map(float, v)) for v in r.embeddings], int(r.prompt_eval_count or 0)
 
+    def _completion_call(self, request: Request, stream: bool) -> dict[str, Any]:
+        """An /api/generate call for a completion: raw (no template) for a plain prompt; with a suffix, the
+        model's template puts the prefix and suffix in its FIM format (Ollama's ``.Suffix``)."""
+        prompt = request.prompt
+        assert prompt is not None
+        if isinstance(prompt.text, list) or prompt.files:
+            what = "token ids as the prompt" if isinstance(prompt.text, list) else "repository context (files)"
+            raise UnsupportedFeatureError("ollama", f"{what} through an Ollama daemon (model {self.spec.name!r})")
+        call = self._call(request, stream)
+        if call["tools"] or call["format"] is not None:
+            raise InvalidRequestError("tools and JSON output do not apply to a completion")
+        return {"model": self.tag, "prompt": prompt.text, "suffix": prompt.suffix, "raw": prompt.suffix is None,
+                "options": call["options"], "keep_alive": call["keep_alive"], "stream": stream}
+
+    async def _api(self, request: Request, stream: bool) -> Any:
+        assert self.client is not None
+        if request.prompt is not None:
+            return await self.client.generate(**self._completion_call(request, stream))
+        return await self.client.chat(**self._call(request, stream=stream))
+
     async def generate(self, request: Request) -> Generation:
         if self.local is not None:
             return await self.local.generate(self._with_system(request))
-        assert self.client is not None
         with self._mapped():
-            r = await self.client.chat(**self._call(request, stream=False))
+            r = await self._api(request, stream=False)
         return _generation(r, None, request)
+
+    async def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return await (self.local.tokenize(text, special) if self.local is not None else super().tokenize(text, special))
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await (self.local.detokenize(ids) if self.local is not None else super().detokenize(ids))
+
+    async def chat_tokens(self, request: Request) -> int:
+        if self.local is None:
+            return await super().chat_tokens(request)
+        return await self.local.chat_tokens(self._with_system(request))
+
+    def fim(self) -> FimTokens | None:
+        return self.local.fim() if self.local is not None else None
 
     async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
         if self.local is not None:
@@ -223,13 +258,12 @@ class OllamaBackend(Backend):
             finally:
                 await pieces.aclose()
             return
-        assert self.client is not None
         first_at: float | None = None
         with self._mapped():
-            chunks = await self.client.chat(**self._call(request, stream=True))
+            chunks = await self._api(request, stream=True)
             try:
                 async for c in chunks:
-                    text, calls = c.message.content or "", _calls(c.message)
+                    text, calls = _text(c), _calls(c)
                     if (text or calls) and first_at is None:
                         first_at = time.perf_counter()
                     if c.done:
@@ -251,14 +285,20 @@ def _generation(r: Any, first_at: float | None, request: Request) -> Generation:
     )
     rate = n / (r.eval_duration / 1e9) if r.eval_duration else decode_rate(n, first_at, time.perf_counter())
     finish = "length" if r.done_reason == "length" else "stop"
-    return Generation(r.message.content or "", finish, Usage(r.prompt_eval_count or 0, n), ttft, rate,
-                      tool_calls=_calls(r.message))
+    return Generation(_text(r), finish, Usage(r.prompt_eval_count or 0, n), ttft, rate, tool_calls=_calls(r))
 
 
-def _calls(message: Any) -> list[tuple[str, Any]] | None:
+def _text(r: Any) -> str:
+    """The text of an /api/chat (``message.content``) or /api/generate (``response``) answer or chunk."""
+    message = getattr(r, "message", None)
+    return (message.content if message is not None else getattr(r, "response", "")) or ""
+
+
+def _calls(r: Any) -> list[tuple[str, Any]] | None:
     """The tool calls Ollama's daemon read from the model's answer (arguments as objects, no ids), as data:
     the engine checks them against the tools and gives them ids."""
-    return [(c.function.name, dict(c.function.arguments)) for c in message.tool_calls or ()] or None
+    message = getattr(r, "message", None)
+    return [(c.function.name, dict(c.function.arguments)) for c in getattr(message, "tool_calls", None) or ()] or None
 
 
 def ollama_messages(messages: list[Message]) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from ..errors import (
     UnillmError,
     UnsupportedFeatureError,
 )
+from ..completions import FimTokens, TokenizerVocab, family_tokens, fim_tokens, prompt_ids
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ..system import cpu_has_bf16, gpus
@@ -318,14 +319,47 @@ class VLLMBackend(Backend):
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
 
-    def _prepare(self, request: Request) -> tuple[list[int], SamplingParams]:
+    def _tokenizer(self) -> Any:
         tokenizer = self.tokenizer
         if tokenizer is None:
             raise ModelUnloadedError(self.spec.name)
+        return tokenizer
+
+    def _chat_ids(self, request: Request) -> list[int]:
+        tokenizer = self._tokenizer()
+        if not tokenizer.chat_template:
+            raise UnsupportedFeatureError("vllm", f"chat with model {self.spec.name!r}: its tokenizer has no chat "
+                                                  "template (a base model: use Engine.complete)")
         msgs, tools = chat_inputs(request, tokenizer.chat_template)
         with bounded(self.spec.name):
-            ids = list(tokenizer.apply_chat_template(
+            return list(tokenizer.apply_chat_template(
                 msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+    def fim(self) -> FimTokens | None:
+        vocab = TokenizerVocab(self._tokenizer())
+        native = family_tokens(vocab)
+        return fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if native or self.spec.fim else None
+
+    async def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return await asyncio.to_thread(TokenizerVocab(self._tokenizer()).tokenize, text, special)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await asyncio.to_thread(self._tokenizer().decode, ids)  # type: ignore[no-any-return]
+
+    async def chat_tokens(self, request: Request) -> int:
+        return len(await asyncio.to_thread(self._chat_ids, request))
+
+    def _prepare(self, request: Request) -> tuple[list[int], SamplingParams]:
+        stops: list[str] = []
+        stop_ids: frozenset[int] = frozenset()
+        if request.prompt is None:
+            ids = self._chat_ids(request)
+        else:
+            vocab = TokenizerVocab(self._tokenizer())
+            fim = fim_tokens(self.spec.name, self.name, vocab, family_tokens(vocab), self.spec.fim) if request.prompt.fim else None
+            ids = prompt_ids(vocab, fim, request.prompt, self.spec.name, self.name)
+            if fim is not None:
+                stops, stop_ids = list(fim.stop), fim.stop_ids
         p = request.params
         max_tokens = fit_max_tokens(self.spec.name, len(ids), self.spec.context_window, p)
         schema = request_schema(request)
@@ -339,7 +373,8 @@ class VLLMBackend(Backend):
             extra.setdefault("logprobs", p.top_logprobs)
         try:
             sp = SamplingParams(
-                temperature=p.temperature, top_p=p.top_p, max_tokens=max_tokens, stop=p.stop or None, seed=p.seed,
+                temperature=p.temperature, top_p=p.top_p, max_tokens=max_tokens, stop=p.stop + stops or None, seed=p.seed,
+                stop_token_ids=sorted(stop_ids) or None,
                 output_kind=RequestOutputKind.DELTA,
                 **{"presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty, **extra},
             )
@@ -366,7 +401,7 @@ class VLLMBackend(Backend):
                         raise GenerationError(self.spec.name, f"vLLM ended the request with {o.finish_reason!r}")
                     # "abort": vLLM stopped it (unload, shutdown); the engine never returns it as an answer.
                     finish = "cancelled" if o.finish_reason == "abort" else o.finish_reason
-                    if o.finish_reason == "stop" and o.stop_reason is None and n:
+                    if o.finish_reason == "stop" and (o.stop_reason is None or isinstance(o.stop_reason, int)) and n:
                         n -= 1  # vLLM counts the end token; the other backends (and unillm's usage) do not
                         if lp:
                             lp = lp[:-1]

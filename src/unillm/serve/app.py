@@ -217,7 +217,7 @@ def serve(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None
 
     sock = _bind(host, port)
     try:
-        with Engine(config) as engine:
+        with Engine(config, registry_max_tokens=False) as engine:
             for name in preload or []:
                 t = time.perf_counter()
                 engine.load(name)

@@ -1,0 +1,265 @@
+"""The engine's text side: raw and fill-in-the-middle completions (``Engine.complete``), and the model's own
+tokenizer (``tokenize``, ``detokenize``, ``count_tokens``).
+
+:class:`CoreText` holds the async work (on the engine's loop) and is mixed into the engine's core;
+:class:`EngineText` holds the public blocking and async methods and is mixed into :class:`~unillm.Engine`.
+Prompts become token ids in :mod:`unillm.completions`, on each backend's own tokenizer.
+
+Example:
+    >>> from unillm import Engine
+    >>> with Engine() as engine:                                      # doctest: +SKIP
+    ...     r = engine.complete("smollm2", "def add(a, b):\\n    return", max_tokens=8, temperature=0)
+    ...     r.choices[0].text, r.finish_reason
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from typing_extensions import Unpack
+
+from .completions import LegacyLogprobs, Prompt, files_of
+from .errors import InvalidRequestError, ModelUnloadedError, UnillmError
+from .messages import validate_messages
+from .params import ChatParams
+from .types import Completion, CompletionChoice, Message, Timings, Usage
+
+if TYPE_CHECKING:
+    from collections import Counter
+
+    from ._loop import LoopThread
+    from .backends.base import Backend, Generation, Request
+    from .registry import ModelSpec
+
+
+def make_prompt(prompt: Any, suffix: Any, files: Any, echo: bool, params: Mapping[str, Any]) -> Prompt:
+    """A completion's prompt checked: text (or token ids), a suffix, other files of the project."""
+    ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    if not (isinstance(prompt, str) or ids):
+        raise InvalidRequestError(f"prompt must be a string (or a list of token ids), got {type(prompt).__name__}")
+    if suffix is not None and not isinstance(suffix, str):
+        raise InvalidRequestError(f"suffix must be a string, got {type(suffix).__name__}")
+    made = Prompt(prompt, suffix, files_of(files, "files"))
+    if not prompt and not made.fim:
+        raise InvalidRequestError("prompt is empty: give the text to continue (or a suffix, for fill-in-the-middle)")
+    if echo and (made.fim or ids):
+        raise InvalidRequestError("echo applies to a text prompt without a suffix")
+    if echo and params.get("logprobs"):
+        raise InvalidRequestError("echo with logprobs is not supported by unillm (no log probabilities of the prompt)")
+    return made
+
+
+class CoreText:
+    """Completions and tokenizing on the engine's loop (mixed into the engine's core)."""
+
+    if TYPE_CHECKING:
+        outcomes: Counter[str]
+
+        async def _prepare(self, model: str, messages: Any, params: dict[str, Any], prompt: Prompt | None = None
+                           ) -> tuple[ModelSpec, Backend, Request, float, Any]: ...
+        async def generations(self, spec: ModelSpec, backend: Backend, req: Request) -> list[Generation]: ...
+        async def serving(self, model: str) -> tuple[ModelSpec, Backend, float, Any]: ...
+        def _errors(self, spec: ModelSpec, backend: Backend) -> AbstractContextManager[None]: ...
+
+    async def complete(self, model: str, prompt: Prompt, params: dict[str, Any], echo: bool = False) -> Completion:
+        spec, backend, req, load_s, fallback = await self._prepare(model, (), params, prompt)
+        try:
+            gens = await self.generations(spec, backend, req)
+        except asyncio.CancelledError:
+            self.outcomes["cancelled"] += 1
+            raise
+        except UnillmError:
+            self.outcomes["error"] += 1
+            raise
+        head = prompt.text if echo and isinstance(prompt.text, str) else ""
+        choices = []
+        for i, g in enumerate(gens):
+            self.outcomes[g.finish_reason] += 1
+            lp = LegacyLogprobs.of(g.logprobs, len(head)).to_dict() if g.logprobs is not None else None
+            choices.append(CompletionChoice(i, head + g.text, g.finish_reason, lp))
+        first = gens[0]
+        return Completion(
+            req.id, spec.name, spec.backend, choices,
+            Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens), first.usage.cached_tokens),
+            Timings(load_s, first.ttft_s, time.perf_counter() - req.started, first.decode_tokens_per_s),
+            requested_model=fallback.requested if fallback else None,
+            fallback_reason=fallback.reason if fallback else None,
+        )
+
+    async def open_completion(self, model: str, prompt: Prompt, params: dict[str, Any], echo: bool = False
+                              ) -> AsyncGenerator[Completion, None]:
+        """Start a streamed completion and wait for its first chunk, so that bad requests fail here."""
+        if params.get("n", 1) != 1:
+            raise InvalidRequestError("n > 1 is not streamed by unillm: ask without stream, or for one answer")
+        spec, backend, req, load_s, fallback = await self._prepare(model, (), params, prompt)
+        chunks = self._completion_chunks(spec, backend, req, load_s, fallback, echo)
+        try:
+            first = await chunks.__anext__()
+        except BaseException:
+            await chunks.aclose()
+            raise
+        return _prepend(first, chunks)
+
+    async def _completion_chunks(self, spec: ModelSpec, backend: Backend, req: Request, load_s: float, fallback: Any,
+                                 echo: bool) -> AsyncGenerator[Completion, None]:
+        pieces = backend.stream(req)
+        outcome = "cancelled"  # unless it finishes or fails
+        head = req.prompt.text if echo and req.prompt is not None and isinstance(req.prompt.text, str) else ""
+        at = 0  # characters sent: the text offsets of logprobs
+        try:
+            with self._errors(spec, backend):
+                async for piece in pieces:
+                    if piece.finish_reason == "cancelled":  # unload or close stopped it while it was being read
+                        raise ModelUnloadedError(spec.name)
+                    text, head = head + piece.text, ""
+                    if not (text or piece.logprobs or piece.finish_reason):
+                        continue
+                    lp = LegacyLogprobs.of(piece.logprobs, at).to_dict() if piece.logprobs is not None else None
+                    at += len(text)
+                    c = Completion(req.id, spec.name, spec.backend, [CompletionChoice(0, text, piece.finish_reason, lp)],
+                                   requested_model=fallback.requested if fallback else None,
+                                   fallback_reason=fallback.reason if fallback else None)
+                    if piece.finish_reason is not None:
+                        outcome = piece.finish_reason
+                        c.usage = piece.usage
+                        c.timings = Timings(load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s)
+                    yield c
+        except UnillmError:
+            outcome = "error"
+            raise
+        finally:
+            self.outcomes[outcome] += 1
+            await pieces.aclose()
+
+    async def tokenize(self, model: str, text: Any, special: bool) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"text must be a string, got {type(text).__name__}")
+        spec, backend, _, _ = await self.serving(model)
+        with self._errors(spec, backend):
+            return await backend.tokenize(text, special)
+
+    async def detokenize(self, model: str, ids: Any) -> str:
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise InvalidRequestError("tokens must be a list of non-negative integers (token ids)")
+        spec, backend, _, _ = await self.serving(model)
+        with self._errors(spec, backend):
+            return await backend.detokenize(ids)
+
+    async def count_tokens(self, model: str, what: Any) -> int:
+        if isinstance(what, str):
+            return len(await self.tokenize(model, what, False))
+        from .backends.base import Request, new_request_id
+        from .params import SamplingParams
+
+        msgs = validate_messages(what)
+        spec, backend, _, _ = await self.serving(model)
+        with self._errors(spec, backend):
+            return await backend.chat_tokens(Request(new_request_id(), msgs, SamplingParams()))
+
+
+async def _prepend(first: Completion, rest: AsyncGenerator[Completion, None]) -> AsyncGenerator[Completion, None]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
+
+
+class EngineText:
+    """``Engine.complete``, ``acomplete``, ``tokenize``, ``detokenize`` and ``count_tokens`` (mixed into Engine)."""
+
+    if TYPE_CHECKING:
+        _core: Any  # the engine's core, a CoreText
+        _loop: LoopThread
+
+        def _check_open(self) -> None: ...
+
+    @overload
+    def complete(self, model: str, prompt: str | list[int], *, suffix: str | None = None,
+                 files: Sequence[Mapping[str, str]] | Mapping[str, str] | None = None, echo: bool = False,
+                 stream: Literal[False] = False, **params: Unpack[ChatParams]) -> Completion: ...
+
+    @overload
+    def complete(self, model: str, prompt: str | list[int], *, suffix: str | None = None,
+                 files: Sequence[Mapping[str, str]] | Mapping[str, str] | None = None, echo: bool = False,
+                 stream: Literal[True], **params: Unpack[ChatParams]) -> Iterator[Completion]: ...
+
+    def complete(self, model: str, prompt: str | list[int], *, suffix: str | None = None,
+                 files: Sequence[Mapping[str, str]] | Mapping[str, str] | None = None, echo: bool = False,
+                 stream: bool = False, **params: Unpack[ChatParams]) -> Completion | Iterator[Completion]:
+        """Continue ``prompt`` as raw text (no chat template); with ``suffix``, fill in the middle between
+        ``prompt`` (the text before the cursor) and ``suffix`` (the text after it) with the model's FIM tokens.
+
+        ``files`` adds other files of the project before the prefix (``[{"filename", "text"}]`` or
+        ``{name: text}``), for models with repository-level FIM tokens (Qwen2.5-Coder). ``echo`` puts the prompt
+        before the answer's text. The parameters are chat's (``max_tokens``, ``temperature``, ``stop``, ``n``,
+        ``logprobs``...). The answer has OpenAI's completion shape: ``r.choices[i].text``, ``finish_reason``
+        (``length`` only when ``max_tokens`` or the context window was reached), ``usage``, and with logprobs
+        ``choices[i].logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``). A model
+        whose files have no FIM tokens needs a registry ``fim:`` block for a suffix.
+
+        Example:
+            >>> from unillm import Engine
+            >>> with Engine() as engine:                              # doctest: +SKIP
+            ...     r = engine.complete("smollm2", "def add(a, b):\\n", suffix="\\nprint(add(1, 2))", max_tokens=16)
+        """
+        self._check_open()
+        p = make_prompt(prompt, suffix, files, echo, params)
+        if stream:
+            return self._loop.iterate(self._loop.run(self._core.open_completion(model, p, dict(params), echo)))
+        return self._loop.run(self._core.complete(model, p, dict(params), echo))
+
+    @overload
+    async def acomplete(self, model: str, prompt: str | list[int], *, suffix: str | None = None,
+                        files: Sequence[Mapping[str, str]] | Mapping[str, str] | None = None, echo: bool = False,
+                        stream: Literal[False] = False, **params: Unpack[ChatParams]) -> Completion: ...
+
+    @overload
+    async def acomplete(self, model: str, prompt: str | list[int], *, suffix: str | None = None,
+                        files: Sequence[Mapping[str, str]] | Mapping[str, str] | None = None, echo: bool = False,
+                        stream: Literal[True], **params: Unpack[ChatParams]) -> AsyncIterator[Completion]: ...
+
+    async def acomplete(self, model: str, prompt: str | list[int], *, suffix: str | None = None,
+                        files: Sequence[Mapping[str, str]] | Mapping[str, str] | None = None, echo: bool = False,
+                        stream: bool = False, **params: Unpack[ChatParams]) -> Completion | AsyncIterator[Completion]:
+        """The async twin of :meth:`complete`; with ``stream=True`` it returns an async iterator."""
+        self._check_open()
+        p = make_prompt(prompt, suffix, files, echo, params)
+        if stream:
+            agen = await self._loop.run_async(self._core.open_completion(model, p, dict(params), echo))
+            return self._loop.aiterate(agen)
+        return await self._loop.run_async(self._core.complete(model, p, dict(params), echo))
+
+    def tokenize(self, model: str, text: str, *, special: bool = False) -> list[int]:
+        """The model's token ids of ``text``, with no BOS added; ``special=True`` turns control-token texts
+        (``<|im_start|>``) into those tokens. Loads the model (its tokenizer is part of it)."""
+        self._check_open()
+        return self._loop.run(self._core.tokenize(model, text, special))
+
+    async def atokenize(self, model: str, text: str, *, special: bool = False) -> list[int]:
+        self._check_open()
+        return await self._loop.run_async(self._core.tokenize(model, text, special))
+
+    def detokenize(self, model: str, tokens: list[int]) -> str:
+        """The text of token ids."""
+        self._check_open()
+        return self._loop.run(self._core.detokenize(model, tokens))
+
+    async def adetokenize(self, model: str, tokens: list[int]) -> str:
+        self._check_open()
+        return await self._loop.run_async(self._core.detokenize(model, tokens))
+
+    def count_tokens(self, model: str, what: str | Sequence[Mapping[str, Any] | Message]) -> int:
+        """Tokens of a text (as :meth:`tokenize` counts them), or of a list of messages once the model's chat
+        template renders them (what a chat call's ``usage.prompt_tokens`` will be)."""
+        self._check_open()
+        return self._loop.run(self._core.count_tokens(model, what))
+
+    async def acount_tokens(self, model: str, what: str | Sequence[Mapping[str, Any] | Message]) -> int:
+        self._check_open()
+        return await self._loop.run_async(self._core.count_tokens(model, what))
