@@ -80,3 +80,43 @@ async def chunk_gaps(stream, gaps: list[float]) -> None:
         now = time.perf_counter()
         gaps.append(now - last)
         last = now
+
+
+VOCABS = ("starcoder", "deepseek-coder", "qwen2", "refact")
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    """The vocabulary-only GGUFs of real code models that llama-cpp-python's sdist vendors (llama.cpp's
+    models/ggml-vocab-*.gguf), fetched once from PyPI into the cache with the installed version's sdist."""
+    import tarfile
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from unillm.system import cache_root
+
+    folder = cache_root() / "test-vocab" / llama_cpp.__version__
+    names = [f"ggml-vocab-{v}.gguf" for v in VOCABS]
+    if all((folder / n).is_file() for n in names):
+        return folder
+    download = folder.parent / "download"
+    download.mkdir(parents=True, exist_ok=True)
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                          f"llama-cpp-python=={llama_cpp.__version__}", "-d", str(download)],
+                         capture_output=True, text=True, timeout=600)
+    sdists = sorted(download.glob(f"llama_cpp_python-{llama_cpp.__version__}.tar.gz"))
+    if not sdists:
+        pytest.fail(f"could not download llama-cpp-python's sdist: {got.stderr[-2000:]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdists[0]) as tar:
+        for member in tar:
+            name = member.name.rsplit("/", 1)[-1]
+            if name in names and "/vendor/llama.cpp/models/" in member.name:
+                src = tar.extractfile(member)
+                assert src is not None
+                tmp = folder / f".{name}.part"
+                tmp.write_bytes(src.read())
+                tmp.replace(folder / name)
+    sdists[0].unlink()
+    missing = [n for n in names if not (folder / n).is_file()]
+    assert not missing, f"the sdist has no {missing}"
+    return folder

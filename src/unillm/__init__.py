@@ -27,7 +27,8 @@ from .errors import (
 )
 from .registry import ModelSpec, Registry
 from .params import ChatParams
-from .types import ChatCompletion, ChatCompletionChunk, EmbeddingResponse, Message, Timings, ToolCall, Usage
+from .completions import Prompt
+from .types import ChatCompletion, ChatCompletionChunk, Completion, EmbeddingResponse, Message, Timings, ToolCall, Usage
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatParams",
+    "Completion",
     "ConfigError",
     "ContextWindowExceededError",
     "EmbeddingResponse",
@@ -49,6 +51,7 @@ __all__ = [
     "ModelLoadError",
     "ModelSpec",
     "ModelUnloadedError",
+    "Prompt",
     "Registry",
     "StructuredOutputError",
     "Timings",

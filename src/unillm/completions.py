@@ -113,6 +113,11 @@ FAMILIES: tuple[tuple[str, str, str, str, tuple[str, ...], tuple[str, ...], tupl
 )
 
 
+def tokens_of(vocab: Vocab, text: str, special: bool, add_bos: bool) -> list[int]:
+    """``text``'s token ids, after the model's BOS when ``add_bos`` and its tokenizer adds one."""
+    return ([vocab.bos] if add_bos and vocab.bos is not None else []) + vocab.tokenize(text, special)
+
+
 def single(vocab: Vocab, text: str) -> int | None:
     """The id of the one control token whose text is ``text`` (read as plain text it would be other tokens),
     or None."""

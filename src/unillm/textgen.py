@@ -135,12 +135,12 @@ class CoreText:
             self.outcomes[outcome] += 1
             await pieces.aclose()
 
-    async def tokenize(self, model: str, text: Any, special: bool) -> list[int]:
+    async def tokenize(self, model: str, text: Any, special: bool, add_bos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise InvalidRequestError(f"text must be a string, got {type(text).__name__}")
         spec, backend, _, _ = await self.serving(model)
         with self._errors(spec, backend):
-            return await backend.tokenize(text, special)
+            return await backend.tokenize(text, special, add_bos)
 
     async def detokenize(self, model: str, ids: Any) -> str:
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
@@ -152,13 +152,22 @@ class CoreText:
     async def count_tokens(self, model: str, what: Any) -> int:
         if isinstance(what, str):
             return len(await self.tokenize(model, what, False))
+        spec, backend, req = await self._messages_request(model, what)
+        with self._errors(spec, backend):
+            return await backend.chat_tokens(req)
+
+    async def apply_chat_template(self, model: str, messages: Any) -> str:
+        spec, backend, req = await self._messages_request(model, messages)
+        with self._errors(spec, backend):
+            return await backend.chat_prompt(req)
+
+    async def _messages_request(self, model: str, messages: Any) -> tuple[ModelSpec, Backend, Request]:
         from .backends.base import Request, new_request_id
         from .params import SamplingParams
 
-        msgs = validate_messages(what)
+        msgs = validate_messages(messages)
         spec, backend, _, _ = await self.serving(model)
-        with self._errors(spec, backend):
-            return await backend.chat_tokens(Request(new_request_id(), msgs, SamplingParams()))
+        return spec, backend, Request(new_request_id(), msgs, SamplingParams())
 
 
 async def _prepend(first: Completion, rest: AsyncGenerator[Completion, None]) -> AsyncGenerator[Completion, None]:
@@ -171,7 +180,8 @@ async def _prepend(first: Completion, rest: AsyncGenerator[Completion, None]) ->
 
 
 class EngineText:
-    """``Engine.complete``, ``acomplete``, ``tokenize``, ``detokenize`` and ``count_tokens`` (mixed into Engine)."""
+    """``Engine.complete``, ``tokenize``, ``detokenize``, ``count_tokens``, ``apply_chat_template`` and their
+    async twins (mixed into Engine)."""
 
     if TYPE_CHECKING:
         _core: Any  # the engine's core, a CoreText
@@ -235,15 +245,16 @@ class EngineText:
             return self._loop.aiterate(agen)
         return await self._loop.run_async(self._core.complete(model, p, dict(params), echo))
 
-    def tokenize(self, model: str, text: str, *, special: bool = False) -> list[int]:
-        """The model's token ids of ``text``, with no BOS added; ``special=True`` turns control-token texts
-        (``<|im_start|>``) into those tokens. Loads the model (its tokenizer is part of it)."""
+    def tokenize(self, model: str, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
+        """The model's token ids of ``text``; ``special=True`` turns control-token texts (``<|im_start|>``) into
+        those tokens; ``add_bos`` puts the model's BOS first where its tokenizer adds one. Loads the model (its
+        tokenizer is part of it)."""
         self._check_open()
-        return self._loop.run(self._core.tokenize(model, text, special))
+        return self._loop.run(self._core.tokenize(model, text, special, add_bos))
 
-    async def atokenize(self, model: str, text: str, *, special: bool = False) -> list[int]:
+    async def atokenize(self, model: str, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
         self._check_open()
-        return await self._loop.run_async(self._core.tokenize(model, text, special))
+        return await self._loop.run_async(self._core.tokenize(model, text, special, add_bos))
 
     def detokenize(self, model: str, tokens: list[int]) -> str:
         """The text of token ids."""
@@ -263,3 +274,13 @@ class EngineText:
     async def acount_tokens(self, model: str, what: str | Sequence[Mapping[str, Any] | Message]) -> int:
         self._check_open()
         return await self._loop.run_async(self._core.count_tokens(model, what))
+
+    def apply_chat_template(self, model: str, messages: Sequence[Mapping[str, Any] | Message] | str) -> str:
+        """The text the model reads for ``messages``: its chat template rendered, with the assistant's turn
+        opened (what a chat call tokenizes)."""
+        self._check_open()
+        return self._loop.run(self._core.apply_chat_template(model, messages))
+
+    async def aapply_chat_template(self, model: str, messages: Sequence[Mapping[str, Any] | Message] | str) -> str:
+        self._check_open()
+        return await self._loop.run_async(self._core.apply_chat_template(model, messages))

@@ -37,10 +37,14 @@ class TokenText:
     """The answer of one sequence as its tokens arrive."""
 
     def __init__(self, request: Request, prompt_tokens: int, max_tokens: int, stops: list[str],
-                 stop_ids: frozenset[int] = frozenset()) -> None:
+                 stop_ids: frozenset[int] = frozenset(), n_indent: int = 0, t_max_predict_ms: int = 0) -> None:
         self.request = request
         #: Tokens that end the answer besides the model's end tokens (a FIM model's file separator).
         self.stop_ids = stop_ids
+        #: Editors' limits, as llama.cpp's server applies them (see :meth:`_short_line`, :meth:`add`).
+        self.n_indent, self.t_max_s = n_indent, t_max_predict_ms / 1000
+        self._line: int | None = None  # where the line whose indentation is not checked yet begins
+        self._scan = 0
         self.prompt_tokens = prompt_tokens
         self.cached_tokens = 0
         self.max_tokens = max_tokens
@@ -76,7 +80,34 @@ class TokenText:
         if hits:
             self.text, self.finish, self._cut = self.text[: min(hits)], "stop", True
             return True
+        if self.n_indent and self._short_line():
+            self._cut = True
+            return True  # finish stays "length": the caller's limit
+        if self.t_max_s and "\n" in self.text[before:] and time.perf_counter() - (self.first_at or 0) > self.t_max_s:
+            return True
         return self.n >= self.max_tokens
+
+    def _short_line(self) -> bool:
+        """``n_indent``: after the first line, a line that begins with less indentation (spaces and tabs) than
+        this ends the answer, cut before its first other character (llama.cpp server's rule: the middle of a
+        block ends where the block does)."""
+        t = self.text
+        while True:
+            if self._line is None:
+                nl = t.find("\n", self._scan)
+                if nl < 0:
+                    self._scan = len(t)
+                    return False
+                self._line = nl + 1
+            i = self._line
+            while i < len(t) and t[i] in " \t":
+                i += 1
+            if i >= len(t):
+                return False
+            if i - self._line < self.n_indent:
+                self.text = t[:i]
+                return True
+            self._line, self._scan = None, i
 
     def pending(self) -> str:
         """New text that can be streamed now (none that could still turn out to be a stop string)."""

@@ -124,8 +124,9 @@ class Backend(ABC):
         window is a ContextWindowExceededError, or with ``truncate`` cut to the window's first tokens."""
         raise UnsupportedFeatureError(self.name, f"embeddings (model {self.spec.name!r})")
 
-    async def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """The model's token ids of ``text`` (no BOS; ``special``: control-token texts become those tokens)."""
+    async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
+        """The model's token ids of ``text`` (``special``: control-token texts become those tokens; ``add_bos``: the
+        model's BOS first, where it has one)."""
         raise UnsupportedFeatureError(self.name, f"tokenize (model {self.spec.name!r}: its tokenizer is not in this process)")
 
     async def detokenize(self, ids: list[int]) -> str:
@@ -135,6 +136,10 @@ class Backend(ABC):
     async def chat_tokens(self, request: Request) -> int:
         """How many tokens the request's messages take once its chat template renders them."""
         raise UnsupportedFeatureError(self.name, f"count_tokens (model {self.spec.name!r}: its tokenizer is not in this process)")
+
+    async def chat_prompt(self, request: Request) -> str:
+        """The request's messages as the chat template renders them (the text the model reads)."""
+        raise UnsupportedFeatureError(self.name, f"rendering the chat template (model {self.spec.name!r}: it is not in this process)")
 
     def fim(self) -> FimTokens | None:
         """The loaded model's FIM format (registry ``fim:`` block or its own tokens), None when it has none."""

@@ -30,7 +30,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..convert import model_folder
-from ..completions import FimTokens, TokenizerVocab, family_tokens, fim_tokens, prompt_ids
+from ..completions import FimTokens, TokenizerVocab, tokens_of, family_tokens, fim_tokens, prompt_ids
 from ..params import fit_max_tokens
 from ..templates import bounded
 from ..registry import ModelSpec
@@ -203,11 +203,21 @@ class HFBackend(ThreadedBackend):
         native = family_tokens(vocab)
         return fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if native or self.spec.fim else None
 
-    async def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return await asyncio.to_thread(self._vocab().tokenize, text, special)
+    async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
+        return await asyncio.to_thread(tokens_of, self._vocab(), text, special, add_bos)
 
     async def detokenize(self, ids: list[int]) -> str:
         return await asyncio.to_thread(self._vocab().tokenizer.decode, ids)  # type: ignore[no-any-return]
+
+    async def chat_prompt(self, request: Request) -> str:
+        tokenizer = self._vocab().tokenizer
+
+        def render() -> str:
+            msgs, tools = chat_inputs(request, tokenizer.chat_template)
+            with bounded(self.spec.name):
+                return str(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False))
+
+        return await asyncio.to_thread(render)
 
     async def chat_tokens(self, request: Request) -> int:
         self._vocab()

@@ -43,7 +43,7 @@ from ..errors import (
     ModelLoadError,
     ModelUnloadedError,
 )
-from ..completions import FimTokens, Prompt, family_tokens, fim_tokens, prompt_ids
+from ..completions import FimTokens, family_tokens, fim_tokens, prompt_ids, tokens_of
 from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..templates import bounded
@@ -91,6 +91,13 @@ class ExtraSampling(BaseModel):
     #: Tokens the repeat/frequency/presence penalties look back over (Ollama's repeat_last_n: 0 off, -1 the
     #: whole context).
     repeat_last_n: int = Field(64, ge=-1)
+    #: Editors' limits (llama.cpp server's): end at a line indented less than this (after the first line)...
+    n_indent: int = Field(0, ge=0)
+    #: ...or at a newline once generating has taken this long (0: off).
+    t_max_predict_ms: int = Field(0, ge=0)
+    #: llama.cpp's infill sampler (for fill-in-the-middle: it merges candidates that share a prefix and
+    #: prefers the end when that is likely). Parallel sequences (options.parallel > 1) only.
+    infill: bool = False
     grammar: Any = None
     logits_processor: Any = None
 
@@ -262,13 +269,13 @@ def gguf_meta(path: str, *keys: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=64)
 def gguf_facts(path: str, mtime: float = 0.0) -> dict[str, Any]:
     """What a GGUF says of itself without its weights: ``architecture``, ``context_length`` (trained),
-    ``file_type`` and ``fim`` (whether it has FIM tokens). ``mtime`` keys the cache."""
+    ``file_type`` and ``fim`` (its FIM markers' texts, None without). ``mtime`` keys the cache."""
     arch = gguf_meta(path, "general.architecture").get("general.architecture", "")
     meta = gguf_meta(path, f"{arch}.context_length", "general.file_type")
     with vocab_only(path) as (_, vocab):
-        fim = gguf_fim(vocab) is not None
+        fim = gguf_fim(vocab)
     return {"architecture": arch, "context_length": int(meta.get(f"{arch}.context_length", 0) or 0),
-            "file_type": ftype_name(int(meta.get("general.file_type", -1))), "fim": fim}
+            "file_type": ftype_name(int(meta.get("general.file_type", -1))), "fim": fim.names if fim else None}
 
 
 def file_type(path: str) -> int:
@@ -575,16 +582,24 @@ class LlamaCppBackend(ThreadedBackend):
             return None
         return fim_tokens(self.spec.name, self.name, self._vocab, self._native_fim, self.spec.fim)
 
-    def _chat_tokens(self, llm: Any, request: Request) -> tuple[list[int], list[str]]:
-        """The chat prompt's tokens and the template's stop strings."""
+    def _render(self, request: Request) -> Any:
+        """The chat template's rendering of the request (``prompt``, ``stop``, ``added_special``)."""
         if self._formatter is None:
             raise UnsupportedFeatureError(self.name, f"chat with model {self.spec.name!r}: its GGUF has no chat template "
                                           "(a base model: use Engine.complete, or set options.chat_template)")
         messages, tools = chat_inputs(request, self._template)
         with bounded(self.spec.name):
-            fmt = self._formatter(messages=messages, tools=tools)
+            return self._formatter(messages=messages, tools=tools)
+
+    def _chat_tokens(self, llm: Any, request: Request) -> tuple[list[int], list[str]]:
+        """The chat prompt's tokens and the template's stop strings."""
+        fmt = self._render(request)
         tokens = llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
         return tokens, [s for s in (fmt.stop or []) if s]
+
+    async def chat_prompt(self, request: Request) -> str:
+        self._model()
+        return str((await self._submit(self._render, request)).prompt)
 
     def _tokens(self, llm: Any, request: Request) -> tuple[list[int], int, list[str], frozenset[int]]:
         """Prompt tokens, the max_tokens that fit, the stop strings and the stop tokens besides the model's
@@ -601,11 +616,11 @@ class LlamaCppBackend(ThreadedBackend):
         max_tokens = fit_max_tokens(self.spec.name, len(tokens), self.spec.context_window, request.params)
         return tokens, max_tokens, list(request.params.stop) + more, stop_ids
 
-    async def tokenize(self, text: str, special: bool = False) -> list[int]:
+    async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
         vocab = self._vocab
         if vocab is None:
             raise ModelUnloadedError(self.spec.name)
-        return await self._submit(vocab.tokenize, text, special)  # type: ignore[no-any-return]
+        return await self._submit(tokens_of, vocab, text, special, add_bos)  # type: ignore[no-any-return]
 
     async def detokenize(self, ids: list[int]) -> str:
         llm = self._model()
@@ -633,11 +648,15 @@ class LlamaCppBackend(ThreadedBackend):
         if (grammar := kw.pop("grammar_text")) is not None:  # Llama makes its own sampler: parse it here first
             llama_cpp.llama_sampler_free(grammar_sampler(llm, *grammar))
         llm.last_n_tokens_size = kw.pop("repeat_last_n")  # read by generate's sampler; one request at a time here
+        if kw.pop("infill"):
+            raise UnsupportedFeatureError(self.name, f"extra infill (the infill sampler) with {self.spec.name!r}: it is "
+                                          "in the parallel sequences' sampler chain only (options.parallel > 1)")
+        limits = kw.pop("n_indent"), kw.pop("t_max_predict_ms")
         tokens, max_tokens, stops, stop_ids = self._tokens(llm, request)
         p = request.params
         llm.set_seed(p.seed if p.seed is not None else random.randint(0, 2**31 - 1))
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        out = TokenText(request, len(tokens), max_tokens, stops, stop_ids)
+        out = TokenText(request, len(tokens), max_tokens, stops, stop_ids, *limits)
         gen: Generator[int, Any, None] = llm.generate(tokens, temp=p.temperature, top_p=p.top_p, reset=True, **kw)
         try:
             for token in gen:
@@ -672,7 +691,7 @@ class LlamaCppBackend(ThreadedBackend):
         text = sampling.pop("grammar_text")
         # The grammar's sampler is made here, not on the batcher's thread: every sequence waits for that one.
         grammar = grammar_sampler(llm, *text) if text is not None else None
-        out = TokenText(request, len(tokens), max_tokens, stops, stop_ids)
+        out = TokenText(request, len(tokens), max_tokens, stops, stop_ids, sampling.pop("n_indent"), sampling.pop("t_max_predict_ms"))
         return SeqJob(request, tokens, out, sampling, emit, cancel, grammar)
 
     async def _start(

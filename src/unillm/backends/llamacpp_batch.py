@@ -275,12 +275,16 @@ class Batcher:
         add(llama_cpp.llama_sampler_init_penalties(
             self.n_vocab, kw["repeat_last_n"], kw["repeat_penalty"], kw["frequency_penalty"], kw["presence_penalty"]))
         if p.temperature == 0.0:
+            if kw["infill"]:
+                add(llama_cpp.llama_sampler_init_infill(self.vocab))
             add(llama_cpp.llama_sampler_init_greedy())
         else:
             add(llama_cpp.llama_sampler_init_top_k(kw["top_k"]))
             add(llama_cpp.llama_sampler_init_typical(kw["typical_p"], 1))
             add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
             add(llama_cpp.llama_sampler_init_min_p(kw["min_p"], 1))
+            if kw["infill"]:
+                add(llama_cpp.llama_sampler_init_infill(self.vocab))
             add(llama_cpp.llama_sampler_init_temp(p.temperature))
             seed = p.seed if p.seed is not None else random.randint(0, 2**31 - 1)
             add(llama_cpp.llama_sampler_init_dist(seed))

@@ -235,8 +235,8 @@ class OllamaBackend(Backend):
             r = await self._api(request, stream=False)
         return _generation(r, None, request)
 
-    async def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return await (self.local.tokenize(text, special) if self.local is not None else super().tokenize(text, special))
+    async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
+        return await (self.local.tokenize(text, special, add_bos) if self.local is not None else super().tokenize(text, special))
 
     async def detokenize(self, ids: list[int]) -> str:
         return await (self.local.detokenize(ids) if self.local is not None else super().detokenize(ids))
@@ -245,6 +245,11 @@ class OllamaBackend(Backend):
         if self.local is None:
             return await super().chat_tokens(request)
         return await self.local.chat_tokens(self._with_system(request))
+
+    async def chat_prompt(self, request: Request) -> str:
+        if self.local is None:
+            return await super().chat_prompt(request)
+        return await self.local.chat_prompt(self._with_system(request))
 
     def fim(self) -> FimTokens | None:
         return self.local.fim() if self.local is not None else None

@@ -42,7 +42,7 @@ from ..errors import (
     UnillmError,
     UnsupportedFeatureError,
 )
-from ..completions import FimTokens, TokenizerVocab, family_tokens, fim_tokens, prompt_ids
+from ..completions import FimTokens, TokenizerVocab, tokens_of, family_tokens, fim_tokens, prompt_ids
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ..system import cpu_has_bf16, gpus
@@ -340,11 +340,21 @@ class VLLMBackend(Backend):
         native = family_tokens(vocab)
         return fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if native or self.spec.fim else None
 
-    async def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return await asyncio.to_thread(TokenizerVocab(self._tokenizer()).tokenize, text, special)
+    async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
+        return await asyncio.to_thread(tokens_of, TokenizerVocab(self._tokenizer()), text, special, add_bos)
 
     async def detokenize(self, ids: list[int]) -> str:
         return await asyncio.to_thread(self._tokenizer().decode, ids)  # type: ignore[no-any-return]
+
+    async def chat_prompt(self, request: Request) -> str:
+        tokenizer = self._tokenizer()
+
+        def render() -> str:
+            msgs, tools = chat_inputs(request, tokenizer.chat_template)
+            with bounded(self.spec.name):
+                return str(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False))
+
+        return await asyncio.to_thread(render)
 
     async def chat_tokens(self, request: Request) -> int:
         return len(await asyncio.to_thread(self._chat_ids, request))

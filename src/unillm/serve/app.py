@@ -1,6 +1,6 @@
 """The app of ``unillm serve``: routing, admission (the queue bound, the body read first, a disconnect
 cancelling a non-streaming request) and error shapes. Each wire API is a module of its own (``ollama_api``,
-``openai_api``) that gives its routes a :class:`Server`.
+``openai_api``, ``llamacpp_api``) that gives its routes a :class:`Server`.
 
 Example:
     >>> from unillm import Engine
@@ -29,7 +29,7 @@ from starlette.routing import Route
 from ..engine import Engine
 from ..errors import BackendUnavailableError, InvalidRequestError, UnillmError
 from ..types import EmbeddingResponse
-from . import ollama_api, openai_api
+from . import llamacpp_api, ollama_api, openai_api
 from .guard import Guard, error_body
 from .wire import BodyTimeout, status
 
@@ -173,6 +173,7 @@ def create_app(
     routes = [
         *ollama_api.routes(server),
         *openai_api.routes(server),
+        *llamacpp_api.routes(server),
         Route("/unillm/stats", unillm_stats, methods=["GET"]),
         Route("/", lambda r: Response("unillm is running"), methods=["GET", "HEAD"]),
         *(Route(path, not_implemented, methods=["GET", "POST", "DELETE", "HEAD"]) for path in unimplemented),

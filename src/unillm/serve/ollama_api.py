@@ -27,7 +27,7 @@ from ..errors import InvalidRequestError, UnillmError
 from ..params import PARAMS
 from ..structured import loads_arguments
 from ..messages import from_ollama_messages
-from ..types import ChatCompletion, ChatCompletionChunk, Message
+from ..types import ChatCompletion, ChatCompletionChunk, Completion, Message
 from .wire import ndjson, now, ns, one, typed
 
 if TYPE_CHECKING:
@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 
 #: Ollama ``options`` keys that are unillm chat parameters (from unillm.params.PARAMS).
 OLLAMA_OPTIONS = {p.ollama: name for name, p in PARAMS.items() if p.ollama}
-#: Ollama features unillm does not implement: accepted only at their neutral value.
-UNSUPPORTED = ("images", "suffix", "template", "raw", "context", "think")
+#: Ollama features unillm does not implement: accepted only at their neutral value. (``template`` is a Go
+#: template of Ollama's; unillm renders the model's own chat template, or with ``raw`` none.)
+UNSUPPORTED = ("images", "template", "context", "think")
 #: Ollama options that change how fast or where a model runs, never its answer: unillm takes them from the
 #: registry entry (options.n_threads, n_gpu_layers...), so a request's values are accepted and not applied.
 SPEED_ONLY = ("num_thread", "num_gpu", "main_gpu", "num_batch", "num_keep", "use_mmap", "use_mlock", "numa", "low_vram")
@@ -114,7 +115,7 @@ def ollama_message(message: Message) -> dict[str, Any]:
     return out
 
 
-def ollama_final(r: ChatCompletion | ChatCompletionChunk, key: str, content: str, message: Message | None = None) -> dict[str, Any]:
+def ollama_final(r: ChatCompletion | ChatCompletionChunk | Completion, key: str, content: str, message: Message | None = None) -> dict[str, Any]:
     """The last object of an answer (``done: true``), with its timings and token counts."""
     t = r.timings
     usage = r.usage
@@ -148,6 +149,44 @@ def size(spec: ModelSpec) -> int:
         return 0
 
 
+def model_facts(server: Server, spec: ModelSpec) -> dict[str, Any]:
+    """What /api/show tells of a model (blocking: may read its GGUF's vocabulary): ``architecture``,
+    ``file_type``, ``fim`` (the FIM markers' texts, or None), ``template`` (its chat template, once loaded)."""
+    from ..registry import resolve_file
+
+    facts: dict[str, Any] = {"fim": None, "template": None}
+    registry = server.engine.registry
+    gguf_spec = registry.get(spec.source.gguf_of) if spec.source.gguf_of else spec
+    if gguf_spec.backend == "llamacpp" or spec.source.gguf_of:
+        try:
+            from ..backends.llamacpp import gguf_facts
+
+            path = resolve_file(gguf_spec)
+            facts.update(gguf_facts(str(path), path.stat().st_mtime))
+        except (ImportError, UnillmError, ValueError, OSError):
+            pass  # without llama-cpp-python (or the file), the registry's facts only
+    if spec.fim is not None:
+        facts["fim"] = (spec.fim.prefix, spec.fim.suffix, spec.fim.middle)
+    backend = server.engine.backend(spec.name)
+    if backend is not None:
+        fim = backend.fim() if hasattr(backend, "fim") else None
+        if fim is not None and any(fim.names):
+            facts["fim"] = fim.names
+        tokenizer = getattr(backend, "tokenizer", None)
+        facts["template"] = getattr(backend, "_template", None) or getattr(tokenizer, "chat_template", None)
+    return facts
+
+
+def ollama_template(facts: dict[str, Any]) -> str:
+    """A template in Ollama's shape: the FIM form that clients look for (``.Suffix``, as Continue does to
+    turn fill-in-the-middle on) where the model has one, then the chat template (once the model is loaded)."""
+    chat = facts.get("template") or ""
+    if not facts.get("fim"):
+        return chat
+    pre, suf, mid = facts["fim"]
+    return f"{{{{- if .Suffix }}}}{pre}{{{{ .Prompt }}}}{suf}{{{{ .Suffix }}}}{mid}{{{{- else }}}}{chat or '{{ .Prompt }}'}{{{{- end }}}}"
+
+
 def routes(server: Server) -> list[Route]:
     """The Ollama API's routes over ``server``."""
     engine = server.engine
@@ -162,6 +201,8 @@ def routes(server: Server) -> list[Route]:
                     raise InvalidRequestError(f"{name} is not supported by unillm")
             model = req.model
             server.check_not_self(model)
+            if generate and (req.raw or req.suffix is not None) and not (unloads(req.keep_alive) or (not req.prompt and req.suffix is None)):
+                return await completion(model, req, body)
             empty = not (req.prompt if generate else req.messages)
             if empty or unloads(req.keep_alive):
                 # Ollama's idioms: an empty prompt loads the model, keep_alive 0 unloads it; neither generates.
@@ -214,19 +255,50 @@ def routes(server: Server) -> list[Route]:
 
         return ndjson(parts())
 
+    async def completion(model: str, req: OllamaBody, body: dict[str, Any]) -> Response:
+        """/api/generate with ``raw`` (the prompt as it is, no template) or a ``suffix`` (fill in the middle
+        with the model's FIM tokens; Ollama's ``.Suffix``)."""
+        if req.system:
+            raise InvalidRequestError("system does not apply to a raw or fill-in-the-middle prompt (raw: true or a "
+                                      "suffix): write it into the prompt")
+        params = ollama_params(body)
+        if not req.stream:
+            r = await engine.acomplete(model, req.prompt or "", suffix=req.suffix, **params)
+            return JSONResponse(ollama_final(r, "response", r.text))
+        stream = await engine.acomplete(model, req.prompt or "", suffix=req.suffix, stream=True, **params)
+
+        async def parts() -> AsyncIterator[dict[str, Any]]:
+            try:
+                async for c in stream:
+                    if c.finish_reason is not None:
+                        yield ollama_final(c, "response", c.text)
+                    elif c.text:
+                        yield {"model": c.model, "created_at": now(), "response": c.text, "done": False}
+            except UnillmError as exc:
+                yield {"error": str(exc)}
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        return ndjson(parts())
+
     async def api_chat(request: Request) -> Response:
         return await server.admitted(request, lambda: chat(request, generate=False), openai=False)
 
     async def api_generate(request: Request) -> Response:
         return await server.admitted(request, lambda: chat(request, generate=True), openai=False)
 
-    def model_entry(name: str) -> dict[str, Any]:
+    def model_entry(name: str, facts: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = engine.registry.get(name)
+        facts = facts or {}
+        family = facts.get("architecture") or spec.backend
+        caps = ["embedding"] if spec.task == "embed" else ["completion", "tools", "embedding"]
+        if spec.task != "embed" and (spec.fim is not None or facts.get("fim")):
+            caps.insert(1, "insert")  # Ollama's word for fill-in-the-middle (a suffix)
         return {
             "name": spec.name, "model": spec.name, "modified_at": now(), "size": size(spec), "digest": digest(spec),
-            "details": {"format": "gguf" if spec.backend == "llamacpp" else spec.backend, "family": spec.backend,
-                        "parameter_size": "", "quantization_level": ""},
-            "capabilities": ["embedding"] if spec.task == "embed" else ["completion", "tools", "embedding"],
+            "details": {"format": "gguf" if spec.backend == "llamacpp" else spec.backend, "family": family,
+                        "families": [family], "parameter_size": "", "quantization_level": facts.get("file_type", "")},
+            "capabilities": caps,
         }
 
     async def api_tags(request: Request) -> Response:
@@ -240,16 +312,24 @@ def routes(server: Server) -> list[Route]:
             spec = engine.registry.get(name)  # a name that is not a string is refused there
         except UnillmError as exc:
             return server.error(exc, openai=False)
-        params = "\n".join(f"{k} {v}" for k, v in spec.defaults.model_dump(exclude_none=True).items())
-        backend = engine.backend(spec.name)
-        template = getattr(backend, "_template", None) or ""
-        entry = model_entry(spec.name)
+        # The registry defaults that apply here, under Ollama's names (max_tokens does not: a client that sets no
+        # limit generates until a stop or the end of the context, as with Ollama's num_predict -1).
+        defaults = spec.defaults.model_dump(exclude_none=True)
+        stops = defaults.pop("stop", None) or []
+        params = "\n".join([f"num_ctx {spec.context_window}"]
+                           + [f"{PARAMS[k].ollama or k} {v}" for k, v in defaults.items() if k != "max_tokens"]
+                           + [f"stop {json.dumps(s)}" for s in ([stops] if isinstance(stops, str) else stops)])
+        facts = await asyncio.to_thread(model_facts, server, spec)
+        entry = model_entry(spec.name, facts)
+        arch = facts.get("architecture") or spec.backend
+        info: dict[str, Any] = {"general.architecture": arch, f"{arch}.context_length": spec.context_window,
+                                "unillm.backend": spec.backend, "unillm.context_window": spec.context_window}
+        if facts.get("file_type"):
+            info["general.file_type"] = facts["file_type"]
         return JSONResponse({
             "modelfile": f"# unillm registry entry {spec.name} ({spec.config_file})\nFROM {spec.source.describe()}\n",
-            "parameters": params, "template": template, "details": entry["details"],
-            "capabilities": entry["capabilities"], "modified_at": entry["modified_at"],
-            "model_info": {"general.architecture": spec.backend, "unillm.backend": spec.backend,
-                           "unillm.context_window": spec.context_window},
+            "parameters": params, "template": ollama_template(facts), "details": entry["details"],
+            "capabilities": entry["capabilities"], "modified_at": entry["modified_at"], "model_info": info,
         })
 
     async def api_ps(request: Request) -> Response:

@@ -1,5 +1,6 @@
-"""The OpenAI API: ``/v1/models``, ``/v1/chat/completions`` (SSE streaming) and ``/v1/embeddings``; its
-request bodies and their conversion to the engine's parameters (a field unillm would not honour is a 400).
+"""The OpenAI API: ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (SSE streaming) and
+``/v1/embeddings``; its request bodies and their conversion to the engine's parameters (a field unillm would
+not honour is a 400).
 
 Example:
     >>> openai_params({"model": "m", "messages": [], "max_completion_tokens": 8, "temperature": 0})
@@ -13,9 +14,9 @@ import base64
 import json
 import struct
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -37,7 +38,12 @@ NEUTRAL: dict[str, Any] = {
 IGNORED = {"model", "messages", "stream", "stream_options", "user", "max_completion_tokens", "metadata", "store",
            "service_tier", "parallel_tool_calls"}
 #: Endpoints of OpenAI's API that unillm does not implement: a 501 that names them.
-NOT_IMPLEMENTED = ("/v1/completions",)
+NOT_IMPLEMENTED: tuple[str, ...] = ()
+#: /v1/completions fields that are unillm parameters under the same name.
+COMPLETION_PARAMS = ["temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty", "frequency_penalty", "n"]
+#: /v1/completions fields that the handler reads itself, or that do not change the answer.
+COMPLETION_OWN = {"model", "prompt", "suffix", "stream", "stream_options", "echo", "logprobs", "best_of", "user",
+                  "logit_bias"}
 
 
 class OpenAIBody(BaseModel):
@@ -64,6 +70,46 @@ def openai_params(body: dict[str, Any]) -> dict[str, Any]:
     if mt is not None:
         params["max_tokens"] = mt
     return params
+
+
+class CompletionBody(BaseModel):
+    """The top-level types of /v1/completions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    suffix: Optional[StrictStr] = None
+    stream: StrictBool = False
+    echo: StrictBool = False
+    logprobs: Optional[StrictInt] = None
+    best_of: Optional[StrictInt] = None
+
+
+def completion_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of a /v1/completions request; a field unillm would not honour is a 400 naming it."""
+    unknown = set(body) - set(COMPLETION_PARAMS) - COMPLETION_OWN
+    if unknown:
+        raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
+    if body.get("logit_bias") not in (None, {}):
+        raise InvalidRequestError("logit_bias is not supported by unillm (only {})")
+    n = body.get("n") or 1
+    if body.get("best_of") not in (None, 1, n):
+        raise InvalidRequestError(f"best_of={body['best_of']!r} is not supported by unillm (only best_of = n: each "
+                                  "choice is returned)")
+    params = {k: body[k] for k in COMPLETION_PARAMS if body.get(k) is not None}
+    if body.get("logprobs") is not None:  # the number of most likely alternatives per token (OpenAI: 0-5)
+        params["logprobs"], params["top_logprobs"] = True, body["logprobs"]
+    return params
+
+
+def prompts_of(prompt: Any) -> list[Any]:
+    """The prompts of a /v1/completions body: one string or token list, or a list of them."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequestError("prompt is an empty list")
+    return list(prompt)
 
 
 def model_object(name: str) -> dict[str, Any]:
@@ -103,6 +149,49 @@ def routes(server: Server) -> list[Route]:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def completions(request: Request) -> Response:
+        try:
+            body = await server.body_of(request)
+            req = typed(CompletionBody, body)
+            params, prompts = completion_params(body), prompts_of(req.prompt)
+            server.check_not_self(req.model)
+            kw = {"suffix": req.suffix, "echo": req.echo, **params}
+            if not req.stream:
+                results = await asyncio.gather(*(engine.acomplete(req.model, p, **kw) for p in prompts))
+                first = results[0].to_dict()
+                # several prompts: their choices in order (prompt i's j-th choice at index i * n + j), usage summed
+                first["choices"] = [dict(c.to_dict(), index=i * len(r.choices) + c.index)
+                                    for i, r in enumerate(results) for c in r.choices]
+                for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                    first["usage"][key] = sum(r.to_dict()["usage"][key] for r in results)
+                return JSONResponse(first)
+            if len(prompts) > 1:
+                raise InvalidRequestError("several prompts are not streamed by unillm: send them one by one, or without stream")
+            stream = await engine.acomplete(req.model, prompts[0], stream=True, **kw)
+        except UnillmError as exc:
+            return server.error(exc, openai=True)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for c in stream:
+                    d = c.to_dict()
+                    if not include_usage:
+                        d.pop("usage", None)
+                    if c.finish_reason is None:
+                        d.pop("unillm", None)
+                    yield f"data: {json.dumps(d)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+            except UnillmError as exc:
+                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n".encode()
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def v1_completions(request: Request) -> Response:
+        return await server.admitted(request, lambda: completions(request), openai=True)
+
     async def v1_chat(request: Request) -> Response:
         return await server.admitted(request, lambda: chat(request), openai=True)
 
@@ -136,5 +225,6 @@ def routes(server: Server) -> list[Route]:
         Route("/v1/models", v1_models, methods=["GET"]),
         Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
         Route("/v1/chat/completions", v1_chat, methods=["POST"]),
+        Route("/v1/completions", v1_completions, methods=["POST"]),
         Route("/v1/embeddings", v1_embeddings, methods=["POST"]),
     ]
