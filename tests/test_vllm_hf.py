@@ -464,3 +464,51 @@ def test_a_vllm_start_failure_says_its_root_cause(write_config, tmp_path):
     message = str(e.value)
     assert "broken-vllm" in message and "root cause in vLLM's process" in message, message
     assert "safetensor" in message.lower() or "deserializ" in message.lower(), message
+
+
+FIM_PREFIX = "def fib(n):\n    if n < 2:\n        return n\n"
+FIM_SUFFIX = "\n\nprint(fib(10))\n"
+
+
+def test_fim_and_raw_completions_are_the_same_tokens_on_three_backends(veng, engine):
+    """One vocabulary and one fim: block: the same FIM prompt is the same token ids on llama.cpp, vLLM and
+    transformers; the tokenizers agree, and count_tokens matches what chat reads."""
+    runs = {m: e.complete(m, FIM_PREFIX, suffix=FIM_SUFFIX, max_tokens=8, **GREEDY)
+            for m, e in (("smollm2", engine), ("smollm2-vllm", veng), ("smollm2-hf", veng))}
+    assert len({r.usage.prompt_tokens for r in runs.values()}) == 1, {m: r.usage for m, r in runs.items()}
+    for m, r in runs.items():
+        assert r.finish_reason in ("stop", "length") and 0 < r.usage.completion_tokens <= 8, (m, r)
+    raw = {m: e.complete(m, "The capital of France is", max_tokens=6, **GREEDY)
+           for m, e in (("smollm2-vllm", veng), ("smollm2-hf", veng))}
+    assert all("Paris" in r.text for r in raw.values()), raw
+    streamed = list(veng.complete("smollm2-vllm", "The capital of France is", max_tokens=6, stream=True, **GREEDY))
+    assert "".join(c.text for c in streamed) == raw["smollm2-vllm"].text
+    ids = engine.tokenize("smollm2", "Hello world")
+    for m in ("smollm2-vllm", "smollm2-hf"):
+        assert veng.tokenize(m, "Hello world") == ids and veng.detokenize(m, ids) == "Hello world"
+        assert veng.count_tokens(m, ONE_WORD) == veng.chat(m, ONE_WORD, max_tokens=1, **GREEDY).usage.prompt_tokens
+        assert veng.apply_chat_template(m, ONE_WORD) == engine.apply_chat_template("smollm2", ONE_WORD)
+
+
+def test_vllm_completion_logprobs_in_the_legacy_shape(veng):
+    r = veng.complete("smollm2-vllm", "def add(a, b):\n    return", max_tokens=6, logprobs=True, top_logprobs=2, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert "".join(lp["tokens"]) == r.text and len(lp["token_logprobs"]) == r.usage.completion_tokens
+
+
+def test_a_tokenizers_own_fim_tokens_are_found_and_kept_whole(veng):
+    """A tokenizer with Qwen2.5-Coder's FIM special tokens (added to SmolLM2's, as a Qwen2.5-Coder checkpoint
+    ships them) gives its own ids; code that spells a marker stays text."""
+    from unillm.completions import Prompt, TokenizerVocab, family_tokens, prompt_ids
+
+    tok = veng.backend("smollm2-hf").tokenizer.__class__.from_pretrained(str(veng.backend("smollm2-hf").tokenizer.name_or_path))
+    markers = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    ids = tok.convert_tokens_to_ids(markers)
+    vocab = TokenizerVocab(tok)
+    fim = family_tokens(vocab)
+    assert fim is not None and (fim.prefix, fim.suffix, fim.middle) == ((ids[0],), (ids[1],), (ids[2],))
+    assert fim.repo_name == (ids[4],) and fim.file_sep == (ids[5],) and {ids[3], ids[5]} <= fim.stop_ids
+    code = 'FIM = "<|fim_middle|>"\n'
+    built = prompt_ids(vocab, fim, Prompt(code, "x = 1\n"), "m", "hf")
+    assert built.count(ids[2]) == 1 and built[-1] == ids[2]

@@ -38,7 +38,7 @@ PARAMS = {"n_predict": "max_tokens", "temperature": "temperature", "top_p": "top
           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 #: Fields that are llama.cpp sampling options (``extra``), under the name the llamacpp backend takes.
 EXTRA = {"top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p", "repeat_penalty": "repeat_penalty",
-         "repeat_last_n": "repeat_last_n", "mirostat": "mirostat_mode", "mirostat_tau": "mirostat_tau",
+         "repeat_last_n": "repeat_last_n", "penalty_last_n": "repeat_last_n", "mirostat": "mirostat_mode", "mirostat_tau": "mirostat_tau",
          "mirostat_eta": "mirostat_eta", "n_indent": "n_indent", "t_max_predict_ms": "t_max_predict_ms"}
 #: Fields that change how fast an answer comes, not what it is.
 SPEED_ONLY = {"cache_prompt", "id_slot", "t_max_prompt_ms", "timings_per_token", "return_progress", "sse_ping_interval"}
