@@ -98,6 +98,15 @@ def test_the_embeddings_block():
     assert int(tokens) > 5
 
 
+def test_the_code_completion_block():
+    out = run([sys.executable, "-c", REPL], stdin=OPEN_ENGINE + blocks("python")[3] + "\nengine.close()\n", cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    first, prompt_tokens, count, ids = out.stdout.splitlines()
+    text, finish = eval(first)
+    assert text.strip() and finish in ("stop", "length")
+    assert int(prompt_tokens) > 10 and int(count) > 3 and eval(ids) == [19556, 905]
+
+
 @pytest.mark.unit
 def test_the_registry_example_is_a_valid_registry_file(tmp_path):
     from unillm.registry import parse_file

@@ -230,3 +230,22 @@ def test_aider_reads_the_context_window_through_litellm(server, monkeypatch):
     monkeypatch.setenv("OLLAMA_API_BASE", server)
     info = litellm.get_model_info("ollama/smollm2")
     assert info["max_input_tokens"] == 2048 or info["max_tokens"] == 2048, info
+
+
+def test_a_request_closed_early_leaves_its_cache_to_the_next(server):
+    """An editor closes each completion once it has what it shows, and sends the next keystroke's request at
+    once: that request finds the cache the closed one built (the file is not evaluated again)."""
+    text = "\n".join(f"def f{i}(x):\n    return x * {i} + {i * 7}\n" for i in range(40))
+    body = {"model": "smollm2", "input_prefix": text, "input_suffix": "\n", "n_predict": 64, "temperature": 0,
+            "stream": True}
+    misses = []
+    for i in range(6):
+        body["prompt"] = "def g(" + "y" * i
+        with httpx.stream("POST", server + "/infill", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:]).get("content"):
+                    break  # what the editor shows: it closes the stream here
+        follow = post(server, "/infill", {**body, "prompt": body["prompt"] + "z", "n_predict": 1, "stream": False}).json()
+        if follow["tokens_cached"] < follow["tokens_evaluated"] // 2:
+            misses.append((i, follow["tokens_cached"], follow["tokens_evaluated"]))
+    assert not misses, misses
