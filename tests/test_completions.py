@@ -303,3 +303,14 @@ def test_infill_sampler_needs_parallel_sequences(single_engine):
     r = single_engine.complete("smollm2-single", "def f():\n", max_tokens=40, extra={"n_indent": 4}, **GREEDY)
     lines = r.text.split("\n")
     assert all(line.startswith("    ") or not line for line in lines[1:-1] if line)  # n_indent honoured there too
+
+
+@pytest.mark.unit
+def test_a_completion_record_travels_to_ray_replicas_and_back():
+    """A job's prompt record crosses to Ray replicas as JSON (it was given to json.dumps as a Prompt)."""
+    from unillm.records import decode_input, encode_input
+
+    p = Prompt("def f():\n", "\nf()\n", (("util.py", "x = 1\n"),))
+    assert decode_input(encode_input(p)) == p
+    msgs = [{"role": "user", "content": "hi"}]
+    assert decode_input(encode_input(msgs)) == msgs and decode_input(encode_input("hi")) == "hi"

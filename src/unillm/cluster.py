@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, UnillmError
 from .backends import backend_info
 from .options import parse_options
-from .records import embed_each, result_record
+from .records import decode_input, embed_each, encode_input, result_record
 from .types import BatchResult
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class Replica:
         ids = [str(i) for i in batch["id"]]
         if self.load_error is not None:
             return {"id": ids[:1], "record": [""], "fatal": [pickle.dumps(self.load_error)]}
-        inputs = [json.loads(s) for s in batch["input"]]
+        inputs = [decode_input(s) for s in batch["input"]]
         if self.embed:
             results = embed_each(self.engine, self.model, inputs, lambda _: None, progress=False)
         else:
@@ -214,7 +214,7 @@ def ray_results(
         spec = specs[0]
         resources = replica_resources(spec, ray.cluster_resources().get("GPU", 0) > 0, config)
         size = batch_size_for(spec, config)
-        items = [{"id": rid, "input": json.dumps(item, ensure_ascii=False)} for rid, item in todo]
+        items = [{"id": rid, "input": encode_input(item)} for rid, item in todo]
         blocks = max(1, math.ceil(len(items) / size))
         source = ray.data.from_items(items, override_num_blocks=blocks)
         with warnings.catch_warnings():

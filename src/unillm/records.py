@@ -10,10 +10,12 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 from .errors import InvalidRequestError, UnillmError
+from .completions import Prompt
 from .types import BatchResult, Completion, EmbeddingResponse
 
 
@@ -67,3 +69,21 @@ def result_record(rid: str, model: str, res: BatchResult) -> dict[str, Any]:
         return out
     assert res.error is not None
     return {"id": rid, "model": model, "error": {"type": type(res.error).__name__, "message": str(res.error)}}
+
+
+def encode_input(item: Any) -> str:
+    """A job's input (messages, a prompt string, or a completion Prompt) as JSON, for a Ray replica."""
+    if isinstance(item, Prompt):
+        return json.dumps({"unillm.prompt": {"text": item.text, "suffix": item.suffix, "files": list(item.files)}},
+                          ensure_ascii=False)
+    return json.dumps(item, ensure_ascii=False)
+
+
+def decode_input(text: str) -> Any:
+    """The input :func:`encode_input` wrote."""
+    item = json.loads(text)
+    if isinstance(item, dict) and "unillm.prompt" in item:
+        p = item["unillm.prompt"]
+        return Prompt(p["text"], p["suffix"], tuple((name, body) for name, body in p["files"]))
+    return item
+
