@@ -25,7 +25,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 from typing_extensions import Unpack
 
@@ -65,6 +65,7 @@ from .types import (
     Usage,
 )
 
+T = TypeVar("T")
 #: A chat input (messages, or one user message as a string); in a batch, also a completion Prompt.
 Messages = Sequence[Mapping[str, Any] | Message] | str
 
@@ -171,10 +172,22 @@ class _Core(CoreText):
             raise ModelUnloadedError(spec.name)
         return gens
 
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count a request that fails (``error``) or whose caller gives up (``cancelled``)."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.outcomes["cancelled"] += 1
+            raise
+        except UnillmError:
+            self.outcomes["error"] += 1
+            raise
+
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         structure: Structure | None = req.params.structure
-        try:
+        with self.counted():
             gens = await self.generations(spec, backend, req)
             choices = []
             for i, gen in enumerate(gens):
@@ -185,22 +198,16 @@ class _Core(CoreText):
                     message, finish = Message("assistant", gen.text), gen.finish_reason
                 lp = {"content": gen.logprobs} if gen.logprobs is not None else None
                 choices.append(Choice(i, message, finish, lp))
-        except asyncio.CancelledError:
-            self.outcomes["cancelled"] += 1
-            raise
-        except UnillmError:
-            self.outcomes["error"] += 1
-            raise
         for c in choices:
             self.outcomes[c.finish_reason or "stop"] += 1
-        first = gens[0]
+        usage, timings = totals(gens, req, load_s)
         return ChatCompletion(
             id=req.id,
             model=spec.name,
             backend=spec.backend,
             choices=choices,
-            usage=Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens), first.usage.cached_tokens),
-            timings=Timings(load_s, first.ttft_s, time.perf_counter() - req.started, first.decode_tokens_per_s),
+            usage=usage,
+            timings=timings,
             requested_model=fallback.requested if fallback else None,
             fallback_reason=fallback.reason if fallback else None,
         )
@@ -263,13 +270,7 @@ class _Core(CoreText):
         if params.get("n", 1) != 1:
             raise InvalidRequestError("n > 1 is not streamed by unillm: ask without stream, or for one answer")
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
-        chunks = self._chunks(spec, backend, req, load_s, fallback)
-        try:
-            first = await chunks.__anext__()
-        except BaseException:
-            await chunks.aclose()
-            raise
-        return _prepend(first, chunks)
+        return await started(self._chunks(spec, backend, req, load_s, fallback))
 
     async def _chunks(
         self, spec: ModelSpec, backend: Backend, req: Request, load_s: float, fallback: _Fallback | None
@@ -389,6 +390,13 @@ class _Core(CoreText):
             await backend.aclose()
 
 
+def totals(gens: Sequence[Generation], req: Request, load_s: float) -> tuple[Usage, Timings]:
+    """The usage of a request's answers (the prompt once, every answer's tokens) and the first one's timings."""
+    first = gens[0]
+    usage = Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens), first.usage.cached_tokens)
+    return usage, Timings(load_s, first.ttft_s, time.perf_counter() - req.started, first.decode_tokens_per_s)
+
+
 def _check_calls_asked(spec: ModelSpec, structure: Structure | None, calls: list[tuple[str, Any]] | None) -> None:
     """Tool calls a backend's library read are only taken where tools were offered and none was forced."""
     if calls and (structure is None or structure.mode != "auto"):
@@ -446,9 +454,17 @@ class _Fallback:
 _CANNOT_RUN = (BackendNotInstalledError, BackendUnavailableError, ModelLoadError)
 
 
-async def _prepend(
-    first: ChatCompletionChunk, rest: AsyncGenerator[ChatCompletionChunk, None]
-) -> AsyncGenerator[ChatCompletionChunk, None]:
+async def started(chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """A stream whose first chunk has come (a bad request fails here, not while it is read); closed if not."""
+    try:
+        first = await chunks.__anext__()
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return _prepend(first, chunks)
+
+
+async def _prepend(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
     try:
         yield first
         async for chunk in rest:

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -26,7 +25,7 @@ from .completions import LegacyLogprobs, Prompt, files_of
 from .errors import InvalidRequestError, ModelUnloadedError, UnillmError
 from .messages import validate_messages
 from .params import ChatParams
-from .types import Completion, CompletionChoice, Message, Timings, Usage
+from .types import Completion, CompletionChoice, Message, Timings
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -64,28 +63,23 @@ class CoreText:
         async def generations(self, spec: ModelSpec, backend: Backend, req: Request) -> list[Generation]: ...
         async def serving(self, model: str) -> tuple[ModelSpec, Backend, float, Any]: ...
         def _errors(self, spec: ModelSpec, backend: Backend) -> AbstractContextManager[None]: ...
+        def counted(self) -> AbstractContextManager[None]: ...
 
     async def complete(self, model: str, prompt: Prompt, params: dict[str, Any], echo: bool = False) -> Completion:
+        from .engine import totals
+
         spec, backend, req, load_s, fallback = await self._prepare(model, (), params, prompt)
-        try:
+        with self.counted():
             gens = await self.generations(spec, backend, req)
-        except asyncio.CancelledError:
-            self.outcomes["cancelled"] += 1
-            raise
-        except UnillmError:
-            self.outcomes["error"] += 1
-            raise
         head = prompt.text if echo and isinstance(prompt.text, str) else ""
         choices = []
         for i, g in enumerate(gens):
             self.outcomes[g.finish_reason] += 1
             lp = LegacyLogprobs.of(g.logprobs, len(head)).to_dict() if g.logprobs is not None else None
             choices.append(CompletionChoice(i, head + g.text, g.finish_reason, lp))
-        first = gens[0]
+        usage, timings = totals(gens, req, load_s)
         return Completion(
-            req.id, spec.name, spec.backend, choices,
-            Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens), first.usage.cached_tokens),
-            Timings(load_s, first.ttft_s, time.perf_counter() - req.started, first.decode_tokens_per_s),
+            req.id, spec.name, spec.backend, choices, usage, timings,
             requested_model=fallback.requested if fallback else None,
             fallback_reason=fallback.reason if fallback else None,
         )
@@ -95,14 +89,10 @@ class CoreText:
         """Start a streamed completion and wait for its first chunk, so that bad requests fail here."""
         if params.get("n", 1) != 1:
             raise InvalidRequestError("n > 1 is not streamed by unillm: ask without stream, or for one answer")
+        from .engine import started
+
         spec, backend, req, load_s, fallback = await self._prepare(model, (), params, prompt)
-        chunks = self._completion_chunks(spec, backend, req, load_s, fallback, echo)
-        try:
-            first = await chunks.__anext__()
-        except BaseException:
-            await chunks.aclose()
-            raise
-        return _prepend(first, chunks)
+        return await started(self._completion_chunks(spec, backend, req, load_s, fallback, echo))
 
     async def _completion_chunks(self, spec: ModelSpec, backend: Backend, req: Request, load_s: float, fallback: Any,
                                  echo: bool) -> AsyncGenerator[Completion, None]:
@@ -168,15 +158,6 @@ class CoreText:
         msgs = validate_messages(messages)
         spec, backend, _, _ = await self.serving(model)
         return spec, backend, Request(new_request_id(), msgs, SamplingParams())
-
-
-async def _prepend(first: Completion, rest: AsyncGenerator[Completion, None]) -> AsyncGenerator[Completion, None]:
-    try:
-        yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await rest.aclose()
 
 
 class EngineText:

@@ -23,11 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..completions import FimTokens, Prompt
+from ..completions import FimTokens, Prompt, TokenizerVocab, family_tokens, fim_tokens, prompt_ids, tokens_of
 from ..errors import ModelUnloadedError, UnillmError, UnsupportedFeatureError
 from ..params import SamplingParams
 from ..registry import ModelSpec
 from ..structured import Structure, ToolCallParser, template_dicts
+from ..templates import bounded
 from ..types import Message, Usage
 
 _ids = itertools.count(1)
@@ -311,3 +312,56 @@ class ThreadedBackend(Backend):
         finally:
             await pieces.aclose()
             self._cancels.discard(cancel)
+
+
+class TokenizerText:
+    """The text side of a backend whose tokenizer is a Hugging Face one (transformers', or the one vLLM's
+    engine holds): chat templates rendered to ids or text, completion prompts (raw and FIM, with the
+    tokenizer's own FIM tokens or the registry's block), tokenize and count. Blocking methods; the async ones
+    run them on a thread."""
+
+    name: ClassVar[str]
+    spec: ModelSpec
+
+    def _tokenizer(self) -> Any:
+        """The loaded tokenizer (ModelUnloadedError when there is none)."""
+        raise NotImplementedError
+
+    def _chat_ids(self, request: Request, tokenize: bool = True) -> Any:
+        tokenizer = self._tokenizer()
+        if not tokenizer.chat_template:
+            raise UnsupportedFeatureError(self.name, f"chat with model {self.spec.name!r}: its tokenizer has no chat "
+                                                     "template (a base model: use Engine.complete)")
+        msgs, tools = chat_inputs(request, tokenizer.chat_template)
+        with bounded(self.spec.name):
+            if not tokenize:
+                return str(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False))
+            return list(tokenizer.apply_chat_template(
+                msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+    def _prompt(self, request: Request) -> tuple[list[int], list[str], frozenset[int]]:
+        """The request's prompt ids, and the stop strings and tokens that a FIM format adds."""
+        if request.prompt is None:
+            return self._chat_ids(request), [], frozenset()
+        vocab = TokenizerVocab(self._tokenizer())
+        fim = fim_tokens(self.spec.name, self.name, vocab, family_tokens(vocab), self.spec.fim) if request.prompt.fim else None
+        ids = prompt_ids(vocab, fim, request.prompt, self.spec.name, self.name)
+        return ids, list(fim.stop) if fim else [], fim.stop_ids if fim else frozenset()
+
+    def fim(self) -> FimTokens | None:
+        vocab = TokenizerVocab(self._tokenizer())
+        native = family_tokens(vocab)
+        return fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if native or self.spec.fim else None
+
+    async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
+        return await asyncio.to_thread(tokens_of, TokenizerVocab(self._tokenizer()), text, special, add_bos)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await asyncio.to_thread(self._tokenizer().decode, ids)  # type: ignore[no-any-return]
+
+    async def chat_prompt(self, request: Request) -> str:
+        return await asyncio.to_thread(self._chat_ids, request, False)  # type: ignore[no-any-return]
+
+    async def chat_tokens(self, request: Request) -> int:
+        return len(await asyncio.to_thread(self._chat_ids, request))
+

@@ -30,9 +30,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..convert import model_folder
-from ..completions import FimTokens, TokenizerVocab, tokens_of, family_tokens, fim_tokens, prompt_ids
 from ..params import fit_max_tokens
-from ..templates import bounded
 from ..registry import ModelSpec
 from ._text import TokenText
 from ..options import HFOptions, parse_options
@@ -42,7 +40,7 @@ from .base import (
     Piece,
     Request,
     ThreadedBackend,
-    chat_inputs,
+    TokenizerText,
     request_schema,
 )
 
@@ -102,7 +100,7 @@ class _Stop(transformers.StoppingCriteria):  # type: ignore[misc]
         return self.streamer.done
 
 
-class HFBackend(ThreadedBackend):
+class HFBackend(TokenizerText, ThreadedBackend):
     name = "hf"
     capabilities = Capabilities(streaming=True, json_schema=True, tools=True, embeddings=True)
 
@@ -175,53 +173,10 @@ class HFBackend(ThreadedBackend):
             emit(out.last_piece(result))
         return result
 
-    def _chat_ids(self, request: Request) -> list[int]:
-        if not self.tokenizer.chat_template:
-            raise UnsupportedFeatureError("hf", f"chat with model {self.spec.name!r}: its tokenizer has no chat template "
-                                                "(a base model: use Engine.complete)")
-        msgs, tools = chat_inputs(request, self.tokenizer.chat_template)
-        with bounded(self.spec.name):
-            ids = self.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, return_dict=True)
-        return list(ids["input_ids"])
-
-    def _prompt(self, request: Request) -> tuple[list[int], list[str], frozenset[int]]:
-        """The prompt's token ids, and the stop strings and tokens a FIM format adds."""
-        if request.prompt is None:
-            return self._chat_ids(request), [], frozenset()
-        vocab = self._vocab()
-        fim = fim_tokens(self.spec.name, self.name, vocab, family_tokens(vocab), self.spec.fim) if request.prompt.fim else None
-        ids = prompt_ids(vocab, fim, request.prompt, self.spec.name, self.name)
-        return ids, list(fim.stop) if fim else [], fim.stop_ids if fim else frozenset()
-
-    def _vocab(self) -> TokenizerVocab:
+    def _tokenizer(self) -> Any:
         if self.tokenizer is None or self.model is None:
             raise ModelUnloadedError(self.spec.name)
-        return TokenizerVocab(self.tokenizer)
-
-    def fim(self) -> FimTokens | None:
-        vocab = self._vocab()
-        native = family_tokens(vocab)
-        return fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if native or self.spec.fim else None
-
-    async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
-        return await asyncio.to_thread(tokens_of, self._vocab(), text, special, add_bos)
-
-    async def detokenize(self, ids: list[int]) -> str:
-        return await asyncio.to_thread(self._vocab().tokenizer.decode, ids)  # type: ignore[no-any-return]
-
-    async def chat_prompt(self, request: Request) -> str:
-        tokenizer = self._vocab().tokenizer
-
-        def render() -> str:
-            msgs, tools = chat_inputs(request, tokenizer.chat_template)
-            with bounded(self.spec.name):
-                return str(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False))
-
-        return await asyncio.to_thread(render)
-
-    async def chat_tokens(self, request: Request) -> int:
-        self._vocab()
-        return len(await asyncio.to_thread(self._chat_ids, request))
+        return self.tokenizer
 
     async def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
         return await self._submit(self._embed, texts, truncate)  # type: ignore[no-any-return]

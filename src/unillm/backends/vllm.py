@@ -42,11 +42,9 @@ from ..errors import (
     UnillmError,
     UnsupportedFeatureError,
 )
-from ..completions import FimTokens, TokenizerVocab, tokens_of, family_tokens, fim_tokens, prompt_ids
 from ..params import fit_max_tokens
 from ..registry import ModelSpec
 from ..system import cpu_has_bf16, gpus
-from ..templates import bounded
 from . import _vllm_child
 from ..types import Usage
 from ..options import VLLMOptions, parse_options
@@ -58,7 +56,7 @@ from .base import (
     Generation,
     Piece,
     Request,
-    chat_inputs,
+    TokenizerText,
     decode_rate,
     request_schema,
 )
@@ -191,7 +189,7 @@ def _script_without_main_guard() -> str | None:
     return None if "__main__" in source else str(path)
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(TokenizerText, Backend):
     name = "vllm"
     capabilities = Capabilities(streaming=True, json_schema=True, tools=True, embeddings=True, logprobs=True)
     #: GPU shares of the vLLM engines alive in this process, by model name.
@@ -325,51 +323,8 @@ class VLLMBackend(Backend):
             raise ModelUnloadedError(self.spec.name)
         return tokenizer
 
-    def _chat_ids(self, request: Request) -> list[int]:
-        tokenizer = self._tokenizer()
-        if not tokenizer.chat_template:
-            raise UnsupportedFeatureError("vllm", f"chat with model {self.spec.name!r}: its tokenizer has no chat "
-                                                  "template (a base model: use Engine.complete)")
-        msgs, tools = chat_inputs(request, tokenizer.chat_template)
-        with bounded(self.spec.name):
-            return list(tokenizer.apply_chat_template(
-                msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-
-    def fim(self) -> FimTokens | None:
-        vocab = TokenizerVocab(self._tokenizer())
-        native = family_tokens(vocab)
-        return fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if native or self.spec.fim else None
-
-    async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
-        return await asyncio.to_thread(tokens_of, TokenizerVocab(self._tokenizer()), text, special, add_bos)
-
-    async def detokenize(self, ids: list[int]) -> str:
-        return await asyncio.to_thread(self._tokenizer().decode, ids)  # type: ignore[no-any-return]
-
-    async def chat_prompt(self, request: Request) -> str:
-        tokenizer = self._tokenizer()
-
-        def render() -> str:
-            msgs, tools = chat_inputs(request, tokenizer.chat_template)
-            with bounded(self.spec.name):
-                return str(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False))
-
-        return await asyncio.to_thread(render)
-
-    async def chat_tokens(self, request: Request) -> int:
-        return len(await asyncio.to_thread(self._chat_ids, request))
-
     def _prepare(self, request: Request) -> tuple[list[int], SamplingParams]:
-        stops: list[str] = []
-        stop_ids: frozenset[int] = frozenset()
-        if request.prompt is None:
-            ids = self._chat_ids(request)
-        else:
-            vocab = TokenizerVocab(self._tokenizer())
-            fim = fim_tokens(self.spec.name, self.name, vocab, family_tokens(vocab), self.spec.fim) if request.prompt.fim else None
-            ids = prompt_ids(vocab, fim, request.prompt, self.spec.name, self.name)
-            if fim is not None:
-                stops, stop_ids = list(fim.stop), fim.stop_ids
+        ids, stops, stop_ids = self._prompt(request)
         p = request.params
         max_tokens = fit_max_tokens(self.spec.name, len(ids), self.spec.context_window, p)
         schema = request_schema(request)

@@ -16,19 +16,18 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
 from ..completions import files_of
 from ..errors import InvalidRequestError, UnillmError
 from ..types import Completion
+from .wire import sse
 
 if TYPE_CHECKING:
     from .app import Server
@@ -165,29 +164,22 @@ def routes(server: Server) -> list[Route]:
         except UnillmError as exc:
             return server.error(exc, openai=False)
 
-        async def events() -> AsyncIterator[bytes]:
-            sent, count = "", 0
-            try:
-                async for c in stream:
-                    text = "" if prepare else c.text
-                    sent += text
-                    count += 1
-                    if c.finish_reason is None:
-                        yield f"data: {json.dumps({'index': 0, 'content': text, 'tokens': [], 'stop': False, 'id_slot': -1, 'tokens_predicted': count, 'tokens_evaluated': 0})}\n\n".encode()
-                        continue
-                    last = final(c, text, prompt if isinstance(prompt, str) else "")
-                    if text:  # the last piece of text, then the summary (llama.cpp's final object has no content)
-                        yield f"data: {json.dumps({'index': 0, 'content': text, 'tokens': [], 'stop': False, 'id_slot': -1})}\n\n".encode()
-                    last["content"] = ""
-                    if prepare:
-                        last["tokens_predicted"] = 0
-                    yield f"data: {json.dumps(last)}\n\n".encode()
-            except UnillmError as exc:
-                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n".encode()
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+        count = 0
+        shown = prompt if isinstance(prompt, str) else ""
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        def events(c: Completion) -> list[dict[str, Any]]:
+            nonlocal count
+            text = "" if prepare else c.text
+            count += 1
+            piece = {"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": -1}
+            if c.finish_reason is None:
+                return [{**piece, "tokens_predicted": count, "tokens_evaluated": 0}]
+            last = final(c, "", shown)  # llama.cpp's last object has no content: the last text goes before it
+            if prepare:
+                last["tokens_predicted"] = 0
+            return ([piece] if text else []) + [last]
+
+        return sse(stream, events, done=False)
 
     async def infill(request: Request) -> Response:
         return await server.admitted(request, lambda: generate(request, infill=True), openai=False)

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import InvalidRequestError, UnillmError
 from ..params import PARAMS
-from .wire import typed
+from .wire import sse, typed
 
 if TYPE_CHECKING:
     from .app import Server
@@ -112,6 +111,22 @@ def prompts_of(prompt: Any) -> list[Any]:
     return list(prompt)
 
 
+def chunk_events(body: dict[str, Any]) -> Callable[[Any], list[dict[str, Any]]]:
+    """How a streamed chunk goes out: its JSON, with ``usage`` only when ``stream_options.include_usage`` asks
+    for it, and unillm's own fields only on the last chunk."""
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def events(chunk: Any) -> list[dict[str, Any]]:
+        d = chunk.to_dict()
+        if not include_usage:
+            d.pop("usage", None)
+        if chunk.finish_reason is None:
+            d.pop("unillm", None)
+        return [d]
+
+    return events
+
+
 def model_object(name: str) -> dict[str, Any]:
     """A model in OpenAI's shape."""
     return {"id": name, "object": "model", "created": 0, "owned_by": "unillm"}
@@ -132,22 +147,7 @@ def routes(server: Server) -> list[Route]:
             stream = await engine.achat(model, messages, stream=True, **params)
         except UnillmError as exc:
             return server.error(exc, openai=True)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                async for c in stream:
-                    d = c.to_dict()
-                    if not include_usage:
-                        d.pop("usage", None)
-                    yield f"data: {json.dumps(d)}\n\n".encode()
-                yield b"data: [DONE]\n\n"
-            except UnillmError as exc:
-                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n".encode()
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return sse(stream, chunk_events(body))
 
     async def completions(request: Request) -> Response:
         try:
@@ -170,24 +170,7 @@ def routes(server: Server) -> list[Route]:
             stream = await engine.acomplete(req.model, prompts[0], stream=True, **kw)
         except UnillmError as exc:
             return server.error(exc, openai=True)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                async for c in stream:
-                    d = c.to_dict()
-                    if not include_usage:
-                        d.pop("usage", None)
-                    if c.finish_reason is None:
-                        d.pop("unillm", None)
-                    yield f"data: {json.dumps(d)}\n\n".encode()
-                yield b"data: [DONE]\n\n"
-            except UnillmError as exc:
-                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n".encode()
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return sse(stream, chunk_events(body))
 
     async def v1_completions(request: Request) -> Response:
         return await server.admitted(request, lambda: completions(request), openai=True)

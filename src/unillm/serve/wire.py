@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -79,3 +79,24 @@ def ndjson(gen: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 async def one(obj: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """A stream of one object."""
     yield obj
+
+
+def sse(stream: Any, events: Callable[[Any], Iterable[dict[str, Any]]], done: bool = True) -> StreamingResponse:
+    """A stream of the engine's chunks as server-sent events: each chunk's JSON objects (``events``), then
+    OpenAI's ``[DONE]`` when ``done``; an error midway is an error event, and the engine's stream is closed
+    however the response ends (a client that goes away stops its generation)."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                for obj in events(chunk):
+                    yield f"data: {json.dumps(obj)}\n\n".encode()
+            if done:
+                yield b"data: [DONE]\n\n"
+        except UnillmError as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n".encode()
+        finally:
+            await stream.aclose()
+
+    return StreamingResponse(lines(), media_type="text/event-stream")
+
