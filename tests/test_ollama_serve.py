@@ -403,7 +403,7 @@ def test_tags_and_show_carry_digests_sizes_and_capabilities(server):
         assert "im_start" in shown.template  # the GGUF's chat template (the model is loaded)
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/v1/completions")])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/create")])
 def test_unimplemented_endpoints_are_501_in_json(server, method, path):
     req = urllib.request.Request(server + path, data=b"{}", method=method, headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:

@@ -205,7 +205,7 @@ def test_no_silent_cap_over_http_and_the_entrys_cap_in_python(server, capped_con
 def test_llamaindex_openailike_with_its_defaults(server):
     """LlamaIndex's OpenAILike with its defaults (is_chat_model False) sends complete() and chat() to
     /v1/completions; both used to fail after the SDK's retries of a 501."""
-    like = pytest.importorskip("llama_index.llms.openai_like", reason="pip install -e '.[clients]'")
+    like = pytest.importorskip("llama_index.llms.openai_like", reason="pip install -e '.[frameworks]'")
     llm = like.OpenAILike(model="smollm2", api_base=server + "/v1", api_key="unused", temperature=0, max_tokens=16)
     assert "Paris" in llm.complete("The capital of France is").text
     from llama_index.core.llms import ChatMessage
@@ -215,7 +215,7 @@ def test_llamaindex_openailike_with_its_defaults(server):
 
 
 def test_langchain_openai_completions(server):
-    lc = pytest.importorskip("langchain_openai", reason="pip install -e '.[clients]'")
+    lc = pytest.importorskip("langchain_openai", reason="pip install -e '.[frameworks]'")
     llm = lc.OpenAI(model="smollm2", base_url=server + "/v1", api_key="unused", temperature=0, max_tokens=16,
                     max_retries=0)
     assert "Paris" in llm.invoke("The capital of France is")

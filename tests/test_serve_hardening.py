@@ -52,7 +52,7 @@ CHAT = {"model": "smollm2", "messages": QUESTION, "stream": False, "options": {"
         ("/api/chat", {**CHAT, "images": ["abc"]}, "images"),
         ("/api/chat", {**CHAT, "no_such_field": 1}, "no_such_field"),
         ("/api/generate", {"model": "smollm2", "prompt": 5}, "prompt"),
-        ("/api/generate", {"model": "smollm2", "prompt": "hi", "raw": True}, "raw"),
+        ("/api/generate", {"model": "smollm2", "prompt": "hi", "raw": "yes"}, "raw"),
         ("/api/show", {"model": ["smollm2"]}, "model"),
         ("/v1/chat/completions", {"model": 123, "messages": QUESTION}, "model"),
         ("/v1/chat/completions", {"model": "smollm2", "messages": {"role": "user"}}, "messages"),

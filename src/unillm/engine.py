@@ -25,7 +25,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, overload
 
 from typing_extensions import Unpack
 
@@ -43,7 +43,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .completions import Prompt
-from .textgen import CoreText, EngineText
+from .textgen import CoreText, EngineText, started, totals
 from .messages import validate_messages
 from .params import ChatParams, merge_params
 from ._loop import LoopThread
@@ -65,7 +65,6 @@ from .types import (
     Usage,
 )
 
-T = TypeVar("T")
 #: A chat input (messages, or one user message as a string); in a batch, also a completion Prompt.
 Messages = Sequence[Mapping[str, Any] | Message] | str
 
@@ -390,13 +389,6 @@ class _Core(CoreText):
             await backend.aclose()
 
 
-def totals(gens: Sequence[Generation], req: Request, load_s: float) -> tuple[Usage, Timings]:
-    """The usage of a request's answers (the prompt once, every answer's tokens) and the first one's timings."""
-    first = gens[0]
-    usage = Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens), first.usage.cached_tokens)
-    return usage, Timings(load_s, first.ttft_s, time.perf_counter() - req.started, first.decode_tokens_per_s)
-
-
 def _check_calls_asked(spec: ModelSpec, structure: Structure | None, calls: list[tuple[str, Any]] | None) -> None:
     """Tool calls a backend's library read are only taken where tools were offered and none was forced."""
     if calls and (structure is None or structure.mode != "auto"):
@@ -452,25 +444,6 @@ class _Fallback:
 
 # What makes a model unable to run here, as opposed to a bad request: these trigger fallbacks.
 _CANNOT_RUN = (BackendNotInstalledError, BackendUnavailableError, ModelLoadError)
-
-
-async def started(chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
-    """A stream whose first chunk has come (a bad request fails here, not while it is read); closed if not."""
-    try:
-        first = await chunks.__anext__()
-    except BaseException:
-        await chunks.aclose()
-        raise
-    return _prepend(first, chunks)
-
-
-async def _prepend(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
-    try:
-        yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await rest.aclose()
 
 
 class Engine(EngineText):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from typing_extensions import Unpack
 
@@ -25,7 +25,9 @@ from .completions import LegacyLogprobs, Prompt, files_of
 from .errors import InvalidRequestError, ModelUnloadedError, UnillmError
 from .messages import validate_messages
 from .params import ChatParams
-from .types import Completion, CompletionChoice, Message, Timings
+from .types import Completion, CompletionChoice, Message, Timings, Usage
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -66,8 +68,6 @@ class CoreText:
         def counted(self) -> AbstractContextManager[None]: ...
 
     async def complete(self, model: str, prompt: Prompt, params: dict[str, Any], echo: bool = False) -> Completion:
-        from .engine import totals
-
         spec, backend, req, load_s, fallback = await self._prepare(model, (), params, prompt)
         with self.counted():
             gens = await self.generations(spec, backend, req)
@@ -89,8 +89,6 @@ class CoreText:
         """Start a streamed completion and wait for its first chunk, so that bad requests fail here."""
         if params.get("n", 1) != 1:
             raise InvalidRequestError("n > 1 is not streamed by unillm: ask without stream, or for one answer")
-        from .engine import started
-
         spec, backend, req, load_s, fallback = await self._prepare(model, (), params, prompt)
         return await started(self._completion_chunks(spec, backend, req, load_s, fallback, echo))
 
@@ -265,3 +263,29 @@ class EngineText:
     async def aapply_chat_template(self, model: str, messages: Sequence[Mapping[str, Any] | Message] | str) -> str:
         self._check_open()
         return await self._loop.run_async(self._core.apply_chat_template(model, messages))
+
+
+def totals(gens: Sequence[Generation], req: Request, load_s: float) -> tuple[Usage, Timings]:
+    """The usage of a request's answers (the prompt once, every answer's tokens) and the first one's timings."""
+    first = gens[0]
+    usage = Usage(first.usage.prompt_tokens, sum(g.usage.completion_tokens for g in gens), first.usage.cached_tokens)
+    return usage, Timings(load_s, first.ttft_s, time.perf_counter() - req.started, first.decode_tokens_per_s)
+
+
+async def started(chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """A stream whose first chunk has come (a bad request fails here, not while it is read); closed if not."""
+    try:
+        first = await chunks.__anext__()
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return _prepend(first, chunks)
+
+
+async def _prepend(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
