@@ -278,7 +278,6 @@ class _Core(CoreText):
         structure: Structure | None = req.params.structure
         shaper = structure.streamer(_parser(backend, structure)) if structure is not None else None
         pieces = backend.stream(req)
-        outcome = "cancelled"  # unless it finishes or fails
 
         def chunk(delta: Delta, piece: Piece | None = None, finish: str | None = None) -> ChatCompletionChunk:
             lp = {"content": piece.logprobs} if piece is not None and piece.logprobs is not None else None
@@ -292,37 +291,45 @@ class _Core(CoreText):
                 c.timings = Timings(load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s)
             return c
 
+        async with self.reading(spec, backend, pieces) as tally:
+            async for piece in pieces:
+                if piece.tool_calls:
+                    _check_calls_asked(spec, shaper.s if shaper is not None else None, piece.tool_calls)
+                    assert shaper is not None
+                    shaper.given.extend(piece.tool_calls)
+                text = shaper.feed(piece.text) if shaper is not None else piece.text
+                if piece.finish_reason is None:
+                    calls = shaper.call_deltas() if shaper is not None else None
+                    if text or piece.logprobs or calls:
+                        yield chunk(Delta(role, text if text or not calls else None, tool_calls=calls or None), piece)
+                        role = None
+                    continue
+                finish, calls = piece.finish_reason, None
+                if finish == "cancelled":  # the stream is still being read: unload or close stopped it
+                    raise ModelUnloadedError(spec.name)
+                if shaper is not None:
+                    rest, calls, finish = shaper.end(spec.name, piece.finish_reason)
+                    text += rest
+                tally.outcome = finish
+                if calls:
+                    yield chunk(Delta(role, text or None, tool_calls=calls))
+                    role, text = None, ""
+                yield chunk(Delta(role, text), piece, finish)
+                role = None
+
+    @contextlib.asynccontextmanager
+    async def reading(self, spec: ModelSpec, backend: Backend, pieces: AsyncGenerator[Piece, None]) -> AsyncIterator[Tally]:
+        """A backend's stream being read: its library's errors mapped, how it ended counted (``cancelled``
+        unless the reader sets the tally's outcome or it fails), and the stream closed however it ends."""
+        tally = Tally()
         try:
             with self._errors(spec, backend):
-                async for piece in pieces:
-                    if piece.tool_calls:
-                        _check_calls_asked(spec, shaper.s if shaper is not None else None, piece.tool_calls)
-                        assert shaper is not None
-                        shaper.given.extend(piece.tool_calls)
-                    text = shaper.feed(piece.text) if shaper is not None else piece.text
-                    if piece.finish_reason is None:
-                        calls = shaper.call_deltas() if shaper is not None else None
-                        if text or piece.logprobs or calls:
-                            yield chunk(Delta(role, text if text or not calls else None, tool_calls=calls or None), piece)
-                            role = None
-                        continue
-                    finish, calls = piece.finish_reason, None
-                    if finish == "cancelled":  # the stream is still being read: unload or close stopped it
-                        raise ModelUnloadedError(spec.name)
-                    if shaper is not None:
-                        rest, calls, finish = shaper.end(spec.name, piece.finish_reason)
-                        text += rest
-                    outcome = finish
-                    if calls:
-                        yield chunk(Delta(role, text or None, tool_calls=calls))
-                        role, text = None, ""
-                    yield chunk(Delta(role, text), piece, finish)
-                    role = None
+                yield tally
         except UnillmError:
-            outcome = "error"
+            tally.outcome = "error"
             raise
         finally:
-            self.outcomes[outcome] += 1
+            self.outcomes[tally.outcome] += 1
             await pieces.aclose()
 
     @contextlib.contextmanager
@@ -434,6 +441,13 @@ def _register_exit_hook() -> None:
             _exit_hook = True
         except RuntimeError:  # the interpreter is shutting down already
             pass
+
+
+@dataclass(slots=True)
+class Tally:
+    """How a stream ended, for ``Engine.stats``."""
+
+    outcome: str = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)

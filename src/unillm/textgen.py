@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from typing_extensions import Unpack
 
 from .completions import LegacyLogprobs, Prompt, files_of
-from .errors import InvalidRequestError, ModelUnloadedError, UnillmError
+from .errors import InvalidRequestError, ModelUnloadedError
 from .messages import validate_messages
 from .params import ChatParams
 from .types import Completion, CompletionChoice, Message, Timings, Usage
@@ -66,6 +66,7 @@ class CoreText:
         async def serving(self, model: str) -> tuple[ModelSpec, Backend, float, Any]: ...
         def _errors(self, spec: ModelSpec, backend: Backend) -> AbstractContextManager[None]: ...
         def counted(self) -> AbstractContextManager[None]: ...
+        def reading(self, spec: ModelSpec, backend: Backend, pieces: Any) -> AbstractAsyncContextManager[Any]: ...
 
     async def complete(self, model: str, prompt: Prompt, params: dict[str, Any], echo: bool = False) -> Completion:
         spec, backend, req, load_s, fallback = await self._prepare(model, (), params, prompt)
@@ -95,33 +96,25 @@ class CoreText:
     async def _completion_chunks(self, spec: ModelSpec, backend: Backend, req: Request, load_s: float, fallback: Any,
                                  echo: bool) -> AsyncGenerator[Completion, None]:
         pieces = backend.stream(req)
-        outcome = "cancelled"  # unless it finishes or fails
         head = req.prompt.text if echo and req.prompt is not None and isinstance(req.prompt.text, str) else ""
         at = 0  # characters sent: the text offsets of logprobs
-        try:
-            with self._errors(spec, backend):
-                async for piece in pieces:
-                    if piece.finish_reason == "cancelled":  # unload or close stopped it while it was being read
-                        raise ModelUnloadedError(spec.name)
-                    text, head = head + piece.text, ""
-                    if not (text or piece.logprobs or piece.finish_reason):
-                        continue
-                    lp = LegacyLogprobs.of(piece.logprobs, at).to_dict() if piece.logprobs is not None else None
-                    at += len(text)
-                    c = Completion(req.id, spec.name, spec.backend, [CompletionChoice(0, text, piece.finish_reason, lp)],
-                                   requested_model=fallback.requested if fallback else None,
-                                   fallback_reason=fallback.reason if fallback else None)
-                    if piece.finish_reason is not None:
-                        outcome = piece.finish_reason
-                        c.usage = piece.usage
-                        c.timings = Timings(load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s)
-                    yield c
-        except UnillmError:
-            outcome = "error"
-            raise
-        finally:
-            self.outcomes[outcome] += 1
-            await pieces.aclose()
+        async with self.reading(spec, backend, pieces) as tally:
+            async for piece in pieces:
+                if piece.finish_reason == "cancelled":  # unload or close stopped it while it was being read
+                    raise ModelUnloadedError(spec.name)
+                text, head = head + piece.text, ""
+                if not (text or piece.logprobs or piece.finish_reason):
+                    continue
+                lp = LegacyLogprobs.of(piece.logprobs, at).to_dict() if piece.logprobs is not None else None
+                at += len(text)
+                c = Completion(req.id, spec.name, spec.backend, [CompletionChoice(0, text, piece.finish_reason, lp)],
+                               requested_model=fallback.requested if fallback else None,
+                               fallback_reason=fallback.reason if fallback else None)
+                if piece.finish_reason is not None:
+                    tally.outcome = piece.finish_reason
+                    c.usage = piece.usage
+                    c.timings = Timings(load_s, piece.ttft_s, time.perf_counter() - req.started, piece.decode_tokens_per_s)
+                yield c
 
     async def tokenize(self, model: str, text: Any, special: bool, add_bos: bool = False) -> list[int]:
         if not isinstance(text, str):
