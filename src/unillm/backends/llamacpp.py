@@ -209,6 +209,7 @@ class GGUFVocab:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.bos = bos if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos != -1 else None
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         if not text:
