@@ -105,14 +105,17 @@ def test_spm_order_and_repository_context_from_a_block(vocab):
                    3, *t("y = 2\n"), 1, *t("x = 1\n"), 2]
 
 
-def test_repository_context_needs_a_file_separator(vocab):
+def test_repository_context_without_a_file_separator_is_text_snippets(vocab):
+    """As llama.cpp's server builds it for llama.vscode's input_extra: each file after a text separator."""
     from unillm.backends.llamacpp import gguf_fim
+    from unillm.completions import SNIPPET
 
     v = vocab("refact")  # FIM and repository-name tokens, no file separator
     fim = gguf_fim(v)
     assert fim is not None and fim.repo_name == (18,) and fim.file_sep is None
-    with pytest.raises(UnsupportedFeatureError, match="file_sep"):
-        prompt_ids(v, fim, Prompt("a", "b", files=(("x.py", "x"),)), "refact", "llamacpp")
+    ids = prompt_ids(v, fim, Prompt("a", "b", files=(("x.py", "x = 1\n"),)), "refact", "llamacpp")
+    t = lambda s: v.tokenize(s, False)  # noqa: E731
+    assert ids == [18, *t("myproject\n"), *t(SNIPPET), *t("x = 1\n"), 1, *t("a"), 3, *t("b"), 2]
 
 
 def test_gguf_facts_without_weights(vocab_dir):

@@ -11,8 +11,9 @@ The markers come from the model's files (a GGUF's ``tokenizer.ggml.fim_*`` ids, 
 tokens of a known family: Qwen2.5-Coder, StarCoder, DeepSeek-Coder, CodeLlama), or from the registry entry's
 ``fim:`` block, which overrides them or supplies them for a model whose files lack them.
 
-Repository context (other files of the project before the prefix, Qwen2.5-Coder's ``<|repo_name|>`` and
-``<|file_sep|>``, llama.cpp's ``input_extra``) needs the model's file separator token.
+Repository context (other files of the project before the prefix, llama.cpp's ``input_extra``) uses the model's
+repository-name and file-separator tokens (Qwen2.5-Coder's ``<|repo_name|>`` and ``<|file_sep|>``); a model
+without a file separator gets each file after a plain-text separator, as llama.cpp's server builds it.
 
 Example:
     >>> words = {"<pre>": [1], "<suf>": [2], "<mid>": [3]}
@@ -115,6 +116,11 @@ FAMILIES: tuple[tuple[str, str, str, str, tuple[str, ...], tuple[str, ...], tupl
 )
 
 
+#: What precedes each file of the repository context of a model without a file separator token (llama.cpp's
+#: server writes the same).
+SNIPPET = "\n\n--- snippet ---\n\n"
+
+
 def tokens_of(vocab: Vocab, text: str, special: bool, add_bos: bool) -> list[int]:
     """``text``'s token ids, after the model's BOS when ``add_bos`` and its tokenizer adds one."""
     return ([vocab.bos] if add_bos and vocab.bos is not None else []) + vocab.tokenize(text, special)
@@ -185,16 +191,15 @@ def prompt_ids(vocab: Vocab, fim: FimTokens | None, prompt: Prompt, model: str, 
 
     extra: list[int] = []
     if prompt.files or prompt.repo:
-        if fim.file_sep is None:
-            raise UnsupportedFeatureError(
-                backend, f"repository context (other files before the prefix) with model {model!r}: it has no file "
-                "separator token; give its registry fim: block a file_sep marker",
-            )
         if fim.repo_name is not None:
             extra += [*fim.repo_name, *text((prompt.repo or "myproject") + "\n")]
         for name, content in prompt.files:
-            extra += [*fim.file_sep, *text(name + "\n"), *text(content)]
-        extra += [*fim.file_sep, *text((prompt.filename or "filename") + "\n")]
+            # Without a file separator token, each file follows a plain-text separator, as llama.cpp's server
+            # does (its name is then not given).
+            extra += [*fim.file_sep, *text(name + "\n")] if fim.file_sep is not None else text(SNIPPET)
+            extra += text(content)
+        if fim.file_sep is not None:
+            extra += [*fim.file_sep, *text((prompt.filename or "filename") + "\n")]
     assert isinstance(prompt.text, str)
     head = [*fim.prefix, *text(prompt.text)]
     tail = [*fim.suffix, *text(prompt.suffix or "")]
