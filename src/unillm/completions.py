@@ -100,9 +100,6 @@ class FimTokens:
     #: The prefix, suffix and middle markers as text (for an Ollama template that shows them).
     names: tuple[str, str, str] = ("", "", "")
 
-    def describe(self) -> dict[str, Any]:
-        return {"order": self.order, "source": self.source, "repository_context": self.file_sep is not None}
-
 
 #: FIM special tokens of the code model families, as their tokenizers spell them: prefix, suffix, middle, the
 #: repository-name and file-separator candidates, and the tokens that end a middle.
@@ -124,6 +121,13 @@ SNIPPET = "\n\n--- snippet ---\n\n"
 def tokens_of(vocab: Vocab, text: str, special: bool, add_bos: bool) -> list[int]:
     """``text``'s token ids, after the model's BOS when ``add_bos`` and its tokenizer adds one."""
     return ([vocab.bos] if add_bos and vocab.bos is not None else []) + vocab.tokenize(text, special)
+
+
+def check_ids(ids: list[int], n_vocab: int, model: str) -> list[int]:
+    """Token ids that are all in a vocabulary of ``n_vocab``, or an InvalidRequestError naming the others."""
+    if bad := [t for t in ids if not 0 <= t < n_vocab]:
+        raise InvalidRequestError(f"token id(s) {bad[:5]} are not in model {model!r}'s vocabulary of {n_vocab}")
+    return list(ids)
 
 
 def single(vocab: Vocab, text: str) -> int | None:
@@ -178,12 +182,9 @@ def prompt_ids(vocab: Vocab, fim: FimTokens | None, prompt: Prompt, model: str, 
     if isinstance(prompt.text, list):
         if prompt.fim:
             raise InvalidRequestError("a suffix needs the prompt as text, not token ids")
-        size = getattr(vocab, "n_vocab", None)
-        if size is not None and (bad := [t for t in prompt.text if t >= size]):
-            raise InvalidRequestError(f"token id(s) {bad[:5]} are not in model {model!r}'s vocabulary of {size}")
-        return list(prompt.text)
+        return check_ids(prompt.text, vocab.n_vocab, model)
     if not prompt.fim:
-        return bos + vocab.tokenize(prompt.text, True)  # a raw prompt may spell control tokens (Continue's FIM)
+        return tokens_of(vocab, prompt.text, True, True)  # a raw prompt may spell control tokens (Continue's FIM)
     assert fim is not None
 
     def text(t: str) -> list[int]:

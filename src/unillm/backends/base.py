@@ -322,10 +322,21 @@ class TokenizerText:
 
     name: ClassVar[str]
     spec: ModelSpec
+    _text_cache: tuple[Any, TokenizerVocab, FimTokens | None] | None = None
 
     def _tokenizer(self) -> Any:
         """The loaded tokenizer (ModelUnloadedError when there is none)."""
         raise NotImplementedError
+
+    def _vocab(self) -> tuple[TokenizerVocab, FimTokens | None]:
+        """The tokenizer as prompts are built with it, and its own FIM tokens: looked up once per loaded
+        tokenizer, not on every request."""
+        tokenizer = self._tokenizer()
+        cached = self._text_cache
+        if cached is None or cached[0] is not tokenizer:
+            vocab = TokenizerVocab(tokenizer)
+            cached = self._text_cache = (tokenizer, vocab, family_tokens(vocab))
+        return cached[1], cached[2]
 
     def _chat_ids(self, request: Request, tokenize: bool = True) -> Any:
         tokenizer = self._tokenizer()
@@ -343,18 +354,17 @@ class TokenizerText:
         """The request's prompt ids, and the stop strings and tokens that a FIM format adds."""
         if request.prompt is None:
             return self._chat_ids(request), [], frozenset()
-        vocab = TokenizerVocab(self._tokenizer())
-        fim = fim_tokens(self.spec.name, self.name, vocab, family_tokens(vocab), self.spec.fim) if request.prompt.fim else None
+        vocab, native = self._vocab()
+        fim = fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if request.prompt.fim else None
         ids = prompt_ids(vocab, fim, request.prompt, self.spec.name, self.name)
         return ids, list(fim.stop) if fim else [], fim.stop_ids if fim else frozenset()
 
     def fim(self) -> FimTokens | None:
-        vocab = TokenizerVocab(self._tokenizer())
-        native = family_tokens(vocab)
+        vocab, native = self._vocab()
         return fim_tokens(self.spec.name, self.name, vocab, native, self.spec.fim) if native or self.spec.fim else None
 
     async def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
-        return await asyncio.to_thread(tokens_of, TokenizerVocab(self._tokenizer()), text, special, add_bos)
+        return await asyncio.to_thread(tokens_of, self._vocab()[0], text, special, add_bos)
 
     async def detokenize(self, ids: list[int]) -> str:
         return await asyncio.to_thread(self._tokenizer().decode, ids)  # type: ignore[no-any-return]

@@ -43,7 +43,7 @@ from ..errors import (
     ModelLoadError,
     ModelUnloadedError,
 )
-from ..completions import FimTokens, family_tokens, fim_tokens, prompt_ids, tokens_of
+from ..completions import FimTokens, check_ids, family_tokens, fim_tokens, prompt_ids, tokens_of
 from ..params import fit_max_tokens
 from ..registry import resolve_file
 from ..templates import bounded
@@ -625,10 +625,7 @@ class LlamaCppBackend(ThreadedBackend):
 
     async def detokenize(self, ids: list[int]) -> str:
         llm = self._model()
-        n = llm.n_vocab()
-        if bad := [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n]:
-            raise InvalidRequestError(f"token id(s) {bad[:5]} are not in model {self.spec.name!r}'s vocabulary of {n}")
-        raw = await self._submit(llm.detokenize, ids)
+        raw = await self._submit(llm.detokenize, check_ids(ids, llm.n_vocab(), self.spec.name))
         return bytes(raw).decode("utf-8", errors="replace")
 
     async def chat_tokens(self, request: Request) -> int:

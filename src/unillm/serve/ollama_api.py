@@ -169,7 +169,7 @@ def model_facts(server: Server, spec: ModelSpec) -> dict[str, Any]:
         facts["fim"] = (spec.fim.prefix, spec.fim.suffix, spec.fim.middle)
     backend = server.engine.backend(spec.name)
     if backend is not None:
-        fim = backend.fim() if hasattr(backend, "fim") else None
+        fim = backend.fim()
         if fim is not None and any(fim.names):
             facts["fim"] = fim.names
         tokenizer = getattr(backend, "tokenizer", None)
