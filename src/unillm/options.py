@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -39,6 +39,10 @@ class LlamaCppOptions(BaseModel):
     #: the default: a slot's attention then reads only its own cells, so one request alone is not slowed by
     #: a cache sized for all slots).
     kv_unified: bool = False
+    #: With kv_unified: the cells of that one buffer (default: parallel x context_window). A smaller pool lets
+    #: many slots have a long window: a request is admitted when its prompt and max_tokens fit beside those of
+    #: the requests running (it waits otherwise), and the prompts idle slots keep cached give way.
+    kv_cells: int | None = Field(None, ge=1)
     #: With parallel > 1: a new prompt reuses the cache a free slot kept of the same beginning (as llama.cpp's
     #: server does). Like there, logits from a reused cache are not bit-identical to a full evaluation, so a
     #: greedy answer can change where two tokens are nearly tied; False evaluates every prompt in full.
@@ -49,6 +53,12 @@ class LlamaCppOptions(BaseModel):
     #: once into the cache (``$UNILLM_CACHE/gguf``). llama.cpp's Q4_1 CPU kernels gain little from batching,
     #: Q8_0's far more (measured: benchmarks/decode_ceiling.py). A file already Q8_0 runs as it is.
     cpu_weights: Literal["file", "q8_0"] = "file"
+
+    @model_validator(mode="after")
+    def _pool_is_shared(self) -> LlamaCppOptions:
+        if self.kv_cells is not None and (self.parallel < 2 or not self.kv_unified):
+            raise ValueError("kv_cells sizes the KV buffer that slots share: it needs parallel > 1 and kv_unified: true")
+        return self
 
 
 class VLLMOptions(BaseModel):
@@ -102,8 +112,8 @@ def parse_options(model: type[OptionsT], spec: ModelSpec) -> OptionsT:
         return model.model_validate(spec.options)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = "options." + ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        key = "".join(f".{p}" for p in ("options", *err["loc"]))[1:]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             fields = model.model_fields if len(err["loc"]) == 1 else {}
             close = difflib.get_close_matches(str(err["loc"][-1]), list(fields), n=1)

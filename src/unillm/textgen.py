@@ -24,7 +24,7 @@ from typing_extensions import Unpack
 from .completions import LegacyLogprobs, Prompt, files_of
 from .errors import InvalidRequestError, ModelUnloadedError
 from .messages import validate_messages
-from .params import ChatParams
+from .params import ChatParams, Tool
 from .types import Completion, CompletionChoice, Message, Timings, Usage
 
 T = TypeVar("T")
@@ -130,10 +130,12 @@ class CoreText:
         with self._errors(spec, backend):
             return await backend.detokenize(ids)
 
-    async def count_tokens(self, model: str, what: Any) -> int:
+    async def count_tokens(self, model: str, what: Any, tools: Any = None) -> int:
         if isinstance(what, str):
+            if tools:
+                raise InvalidRequestError("tools are counted with messages, not with a text")
             return len(await self.tokenize(model, what, False))
-        spec, backend, req = await self._messages_request(model, what)
+        spec, backend, req = await self._messages_request(model, what, tools)
         with self._errors(spec, backend):
             return await backend.chat_tokens(req)
 
@@ -142,13 +144,14 @@ class CoreText:
         with self._errors(spec, backend):
             return await backend.chat_prompt(req)
 
-    async def _messages_request(self, model: str, messages: Any) -> tuple[ModelSpec, Backend, Request]:
+    async def _messages_request(self, model: str, messages: Any, tools: Any = None) -> tuple[ModelSpec, Backend, Request]:
         from .backends.base import Request, new_request_id
-        from .params import SamplingParams
+        from .params import merge_params
 
         msgs = validate_messages(messages)
+        params = merge_params({}, {"tools": tools} if tools else {})  # the tools' instructions are in the prompt
         spec, backend, _, _ = await self.serving(model)
-        return spec, backend, Request(new_request_id(), msgs, SamplingParams())
+        return spec, backend, Request(new_request_id(), msgs, params)
 
 
 class EngineText:
@@ -237,15 +240,18 @@ class EngineText:
         self._check_open()
         return await self._loop.run_async(self._core.detokenize(model, tokens))
 
-    def count_tokens(self, model: str, what: str | Sequence[Mapping[str, Any] | Message]) -> int:
+    def count_tokens(self, model: str, what: str | Sequence[Mapping[str, Any] | Message], *,
+                     tools: Sequence[Tool] | None = None) -> int:
         """Tokens of a text (as :meth:`tokenize` counts them), or of a list of messages once the model's chat
-        template renders them (what a chat call's ``usage.prompt_tokens`` will be)."""
+        template renders them, with ``tools`` if the call will offer some (what a chat call's
+        ``usage.prompt_tokens`` will be)."""
         self._check_open()
-        return self._loop.run(self._core.count_tokens(model, what))
+        return self._loop.run(self._core.count_tokens(model, what, tools))
 
-    async def acount_tokens(self, model: str, what: str | Sequence[Mapping[str, Any] | Message]) -> int:
+    async def acount_tokens(self, model: str, what: str | Sequence[Mapping[str, Any] | Message], *,
+                            tools: Sequence[Tool] | None = None) -> int:
         self._check_open()
-        return await self._loop.run_async(self._core.count_tokens(model, what))
+        return await self._loop.run_async(self._core.count_tokens(model, what, tools))
 
     def apply_chat_template(self, model: str, messages: Sequence[Mapping[str, Any] | Message] | str) -> str:
         """The text the model reads for ``messages``: its chat template rendered, with the assistant's turn

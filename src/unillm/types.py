@@ -124,6 +124,9 @@ class Choice:
     finish_reason: str | None
     #: With ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}, ...]}``.
     logprobs: dict[str, Any] | None = None
+    #: The stop string (``stop``) that ended the answer; None when the end token or the limit did, or on the
+    #: Ollama backend, whose daemon does not say.
+    stop_sequence: str | None = None
 
 
 @dataclass(slots=True)
@@ -203,6 +206,8 @@ class ChunkChoice:
     delta: Delta
     finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
+    #: On the last chunk: the stop string that ended the answer (see :attr:`Choice.stop_sequence`).
+    stop_sequence: str | None = None
 
 
 @dataclass(slots=True)

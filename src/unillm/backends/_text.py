@@ -49,6 +49,7 @@ class TokenText:
         self.cached_tokens = 0
         self.max_tokens = max_tokens
         self.stops = stops
+        self.stop_sequence: str | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
         self.sent = 0
@@ -78,7 +79,9 @@ class TokenText:
         # A stop string not found before can only end in the new text: search from where it could begin.
         hits = [i for s in self.stops if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
         if hits:
-            self.text, self.finish, self._cut = self.text[: min(hits)], "stop", True
+            at = min(hits)
+            self.stop_sequence = next(s for s in self.stops if self.text.find(s, max(0, before - len(s) + 1)) == at)
+            self.text, self.finish, self._cut = self.text[:at], "stop", True
             return True
         if self.n_indent and self._short_line():
             self._cut = True
@@ -150,8 +153,9 @@ class TokenText:
             self.text += self._decoder.decode(b"", final=True)
         ttft = None if self.first_at is None else self.first_at - self.request.started
         rate = decode_rate(self.n, self.first_at, time.perf_counter())
-        return Generation(self.text, self.finish, Usage(self.prompt_tokens, self.n, self.cached_tokens), ttft, rate, self.logprobs)
+        return Generation(self.text, self.finish, Usage(self.prompt_tokens, self.n, self.cached_tokens), ttft, rate, self.logprobs,
+                          stop_sequence=self.stop_sequence)
 
     def last_piece(self, result: Generation) -> Piece:
         return Piece(result.text[self.sent :], result.finish_reason, result.usage, result.ttft_s, result.decode_tokens_per_s,
-                     self.take_logprobs())
+                     self.take_logprobs(), stop_sequence=result.stop_sequence)

@@ -74,6 +74,8 @@ class Generation:
     logprobs: list[dict[str, Any]] | None = None
     #: Tool calls the backend's library has already read, as (name, arguments) data (Ollama's daemon does).
     tool_calls: list[tuple[str, Any]] | None = None
+    #: The stop string that ended it (None: the end token, the limit, or a backend that does not say).
+    stop_sequence: str | None = None
 
 
 @dataclass(slots=True)
@@ -88,6 +90,8 @@ class Piece:
     logprobs: list[dict[str, Any]] | None = None
     #: Tool calls the backend's library has already read, as (name, arguments) data.
     tool_calls: list[tuple[str, Any]] | None = None
+    #: On the last piece: the stop string that ended the answer, if one did.
+    stop_sequence: str | None = None
 
 
 class Backend(ABC):

@@ -414,6 +414,9 @@ class LlamaCppBackend(ThreadedBackend):
 
     def _load_sync(self, path: str) -> None:
         o = self.options
+        if o.kv_cells is not None and o.kv_cells < self.spec.context_window:
+            raise ModelLoadError(self.spec.name, f"options.kv_cells {o.kv_cells} is smaller than its context_window "
+                                 f"{self.spec.context_window}: one request could not fit")
         n_gpu_layers = gpu_layers(o)
         # A batching context serves many sequences at once, as batch jobs that own the machine do: all CPUs,
         # tuned down while another process takes one. One sequence at a time: half of them (two spinning
@@ -452,7 +455,7 @@ class LlamaCppBackend(ThreadedBackend):
             try:
                 self._batcher = Batcher(
                     llm, self.spec.name, o.parallel, self.spec.context_window, threads, o.n_batch, o.flash_attn,
-                    o.kv_unified, o.prompt_cache, tune_threads=tune,
+                    o.kv_unified, o.prompt_cache, tune_threads=tune, kv_cells=o.kv_cells,
                 )
             except BaseException:
                 llm.close()
@@ -477,7 +480,9 @@ class LlamaCppBackend(ThreadedBackend):
         allocated 15 GB before llama.cpp gave up), before anything is allocated."""
         if n_gpu_layers != 0:
             return  # the cache goes where the layers go: the GPU's own check applies
-        cells = self.spec.context_window * (1 + (self.options.parallel if self.options.parallel > 1 else 0))
+        o = self.options
+        pool = (o.kv_cells or o.parallel * self.spec.context_window) if o.parallel > 1 else 0
+        cells = self.spec.context_window + pool
         need, free = kv_cache_bytes(path, cells), available_memory_bytes()
         if need is not None and free is not None and need > free:
             raise ModelLoadError(

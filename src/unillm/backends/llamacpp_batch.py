@@ -129,14 +129,14 @@ class Batcher:
 
     def __init__(
         self, llm: Any, name: str, n_seq: int, n_ctx_seq: int, n_threads: int, n_batch: int, flash_attn: bool = False,
-        kv_unified: bool = False, prompt_cache: bool = True, tune_threads: bool = False,
+        kv_unified: bool = False, prompt_cache: bool = True, tune_threads: bool = False, kv_cells: int | None = None,
     ) -> None:
         self.llm = llm
         self.name = name
         self.n_seq = n_seq
         self.n_batch = max(n_batch, n_seq)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_seq * n_ctx_seq
+        params.n_ctx = kv_cells or n_seq * n_ctx_seq
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = n_threads
@@ -159,6 +159,10 @@ class Batcher:
         #: new prompt goes to the free sequence that shares its longest beginning (the chat template's system
         #: block, an earlier turn) and only the rest is evaluated.
         self.cached: list[list[int]] = [[] for _ in range(n_seq)]
+        #: A shared pool smaller than every slot's window: the cells each running request may fill (its prompt
+        #: and max_tokens), admitted only while they fit (see :meth:`_fits`).
+        self.pool = kv_cells
+        self.reserved = [0] * n_seq
         self.prompt_cache = prompt_cache
         self.n_threads = n_threads
         self.tuner = ThreadTuner((n_threads, 1)) if tune_threads and n_threads > 1 else None
@@ -237,7 +241,10 @@ class Batcher:
 
     def _admit(self) -> None:
         while self.waiting and None in self.slots:
-            job = self.waiting.pop(0)
+            job = self.waiting[0]
+            if not job.cancel.is_set() and not self._fits(job):
+                return  # it waits for running requests to end (the first in line goes first)
+            self.waiting.pop(0)
             try:
                 if job.cancel.is_set():
                     _free(job.grammar)
@@ -252,6 +259,28 @@ class Batcher:
             seq, keep = self._reuse(job.tokens)
             job.text.cached_tokens = keep
             self.slots[seq] = _Slot(seq, job, sampler, grammar, prompt_left=job.tokens[keep:])
+            if self.pool is not None:
+                self.reserved[seq] = len(job.tokens) + job.text.max_tokens
+                self._make_room(seq)
+
+    def _fits(self, job: SeqJob) -> bool:
+        """Whether a request's prompt and max_tokens fit in the pool beside those of the running ones."""
+        if self.pool is None:
+            return True
+        running = sum(self.reserved[i] for i, s in enumerate(self.slots) if s is not None)
+        return running + len(job.tokens) + job.text.max_tokens <= self.pool
+
+    def _make_room(self, seq: int) -> None:
+        """Drop the cached prompts of idle slots, the largest first, until the running requests' cells fit."""
+        idle = sorted((i for i, s in enumerate(self.slots) if s is None and self.cached[i]), key=lambda i: -len(self.cached[i]))
+        running = sum(self.reserved[i] for i, s in enumerate(self.slots) if s is not None)
+        held = sum(len(self.cached[i]) for i in idle)
+        for i in idle:
+            if running + held <= self.pool:  # type: ignore[operator]
+                return
+            held -= len(self.cached[i])
+            llama_cpp.llama_memory_seq_rm(self.mem, i, -1, -1)
+            self.cached[i].clear()
 
     def _reuse(self, tokens: list[int]) -> tuple[int, int]:
         """The free sequence whose cache shares the longest beginning with ``tokens`` (of equals, the one
@@ -401,6 +430,7 @@ class Batcher:
             if sampler is not None:
                 llama_cpp.llama_sampler_free(sampler)
         self.slots[slot.seq] = None
+        self.reserved[slot.seq] = 0
 
     def _finish(self, slot: _Slot) -> None:
         self._release(slot)

@@ -371,7 +371,8 @@ class VLLMBackend(TokenizerText, Backend):
                         if lp:
                             lp = lp[:-1]
                     ttft = first_at - request.started if first_at else None
-                    yield Piece(o.text, finish, Usage(len(ids), n, out.num_cached_tokens or 0), ttft, decode_rate(n, first_at, time.perf_counter()), lp)
+                    yield Piece(o.text, finish, Usage(len(ids), n, out.num_cached_tokens or 0), ttft, decode_rate(n, first_at, time.perf_counter()), lp,
+                                stop_sequence=o.stop_reason if isinstance(o.stop_reason, str) else None)
                     return
                 if o.text or lp:
                     yield Piece(o.text, logprobs=lp)
@@ -408,7 +409,7 @@ class VLLMBackend(TokenizerText, Backend):
                 if piece.finish_reason is not None:
                     assert piece.usage is not None
                     return Generation("".join(parts), piece.finish_reason, piece.usage, piece.ttft_s,
-                                      piece.decode_tokens_per_s, logprobs)
+                                      piece.decode_tokens_per_s, logprobs, stop_sequence=piece.stop_sequence)
         finally:
             await pieces.aclose()
         raise GenerationError(self.spec.name, "vLLM ended the request without a final output")

@@ -1,6 +1,6 @@
 """The app of ``unillm serve``: routing, admission (the queue bound, the body read first, a disconnect
 cancelling a non-streaming request) and error shapes. Each wire API is a module of its own (``ollama_api``,
-``openai_api``, ``llamacpp_api``) that gives its routes a :class:`Server`.
+``openai_api``, ``responses_api``, ``anthropic_api``, ``llamacpp_api``) that gives its routes a :class:`Server`.
 
 Example:
     >>> from unillm import Engine
@@ -29,8 +29,8 @@ from starlette.routing import Route
 from ..engine import Engine
 from ..errors import BackendUnavailableError, InvalidRequestError, UnillmError
 from ..types import EmbeddingResponse
-from . import llamacpp_api, ollama_api, openai_api
-from .guard import Guard, error_body
+from . import anthropic_api, llamacpp_api, ollama_api, openai_api, responses_api
+from .guard import Guard, api_of, error_body
 from .wire import BodyTimeout, status
 
 
@@ -43,10 +43,10 @@ class Server:
         self.max_queue, self.body_timeout = max_queue, body_timeout
         self.busy = 0  # generation requests admitted and not finished
 
-    def error(self, exc: UnillmError, openai: bool) -> JSONResponse:
-        """An error in the API's own shape, with the status of its kind."""
+    def error(self, exc: UnillmError, api: str) -> JSONResponse:
+        """An error in the shape of ``api`` (``openai``, ``anthropic``, ``ollama``), with the status of its kind."""
         code = status(exc)
-        return JSONResponse(error_body(str(exc), code, openai, type(exc).__name__), status_code=code)
+        return JSONResponse(error_body(str(exc), code, api, type(exc).__name__), status_code=code)
 
     async def body_of(self, request: Request) -> dict[str, Any]:
         """The JSON object a request carries (read once; starlette keeps it for the next read)."""
@@ -91,7 +91,7 @@ class Server:
 
         return [s.name for s in self.engine.registry if why_not_runnable(s) is None]
 
-    async def admitted(self, request: Request, work: Callable[[], Awaitable[Response]], openai: bool) -> Response:
+    async def admitted(self, request: Request, work: Callable[[], Awaitable[Response]], api: str) -> Response:
         """Run a generation endpoint within the queue bound (503 + Retry-After beyond it); a non-streaming
         request whose client disconnects is cancelled. The body is read whole before the request takes its
         place (a client that sends half a body holds none) and before anything listens for the disconnect on
@@ -99,10 +99,10 @@ class Server:
         try:
             await self.body_of(request)  # kept by starlette for the handler
         except UnillmError as exc:
-            return self.error(exc, openai)
+            return self.error(exc, api)
         if self.busy >= self.max_queue:
             full = self.error(BackendUnavailableError(
-                f"{self.busy} requests are queued, the limit (--max-queue) is {self.max_queue}"), openai)
+                f"{self.busy} requests are queued, the limit (--max-queue) is {self.max_queue}"), api)
             full.headers["Retry-After"] = "1"
             return full
         self.busy += 1
@@ -158,7 +158,7 @@ def create_app(
     async def not_implemented(request: Request) -> Response:
         path = request.url.path
         msg = f"{path} is not implemented by unillm serve (its models come from the registry, not a model store)"
-        return JSONResponse(error_body(msg, 501, path.startswith("/v1/"), "not_implemented"), status_code=501)
+        return JSONResponse(error_body(msg, 501, api_of(path), "not_implemented"), status_code=501)
 
     async def unillm_stats(request: Request) -> Response:
         return JSONResponse(engine.stats())
@@ -167,12 +167,14 @@ def create_app(
         path = request.url.path
         msg = f"{request.method} {path} is not an endpoint of unillm serve"
         code = getattr(exc, "status_code", 404)
-        return JSONResponse(error_body(msg, code, path.startswith("/v1/")), status_code=code)
+        return JSONResponse(error_body(msg, code, api_of(path)), status_code=code)
 
     unimplemented = ollama_api.NOT_IMPLEMENTED + openai_api.NOT_IMPLEMENTED
     routes = [
         *ollama_api.routes(server),
         *openai_api.routes(server),
+        *responses_api.routes(server),
+        *anthropic_api.routes(server),
         *llamacpp_api.routes(server),
         Route("/unillm/stats", unillm_stats, methods=["GET"]),
         Route("/", lambda r: Response("unillm is running"), methods=["GET", "HEAD"]),

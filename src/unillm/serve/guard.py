@@ -10,7 +10,8 @@ In order, before any route sees a request:
 - **Content-Type** of a POST must not be one a web page can send without a CORS preflight as a JSON
   carrier (``text/plain``, ``multipart/form-data``, and ``application/x-www-form-urlencoded`` from a browser:
   ``curl -d`` sends that type too, without a browser's ``Origin`` or ``Sec-Fetch-*`` headers): 415.
-- **API key** (``Authorization: Bearer KEY``) compared with :func:`secrets.compare_digest`: 401.
+- **API key** (``Authorization: Bearer KEY``, or Anthropic's ``x-api-key: KEY``) compared with
+  :func:`secrets.compare_digest`: 401.
 - **Body size**: over ``max_body_bytes`` is 413, from ``Content-Length`` before the app sees it, or while
   reading a body sent without one. The body is read and discarded first (up to ``DRAIN_BYTES``, for at most
   ``DRAIN_SECONDS``), so that the client, still sending, reads the 413 instead of a reset connection.
@@ -76,7 +77,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        api = "openai" if scope.get("path", "").startswith("/v1/") else "ollama"
+        api = api_of(scope.get("path", ""))
         host = headers.get("host", "")
         if not self.host_allowed(host):
             await _refuse(send, 403, f"Host {host!r} is not one this server answers to (DNS rebinding guard); "
@@ -96,8 +97,9 @@ class Guard:
             return
         if self.api_key is not None:
             auth = headers.get("authorization", "").encode("latin-1")
-            if not secrets.compare_digest(auth, b"Bearer " + self.api_key):
-                await _refuse(send, 401, "missing or wrong API key (Authorization: Bearer KEY)", api,
+            key = headers.get("x-api-key", "").encode("latin-1")  # what Anthropic's clients send
+            if not (secrets.compare_digest(auth, b"Bearer " + self.api_key) or secrets.compare_digest(key, self.api_key)):
+                await _refuse(send, 401, "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)", api,
                               "authentication_error")
                 return
         length = headers.get("content-length")
@@ -132,10 +134,26 @@ class Guard:
                 await _refuse(send, 413, f"the request body is over the limit of {self.max_body} bytes (--max-body)", api)
 
 
-def error_body(message: str, status: int, openai: bool, kind: str = "invalid_request_error") -> dict[str, Any]:
-    """An error in the shape of the API asked: OpenAI's ``{"error": {"message", "type", "code"}}`` or Ollama's
-    ``{"error": message}``."""
-    return {"error": {"message": message, "type": kind, "code": status}} if openai else {"error": message}
+#: Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def api_of(path: str) -> str:
+    """Which API a path belongs to, for the shape of its errors: ``anthropic``, ``openai`` or ``ollama``."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
+def error_body(message: str, status: int, api: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """An error in the shape of the API asked: OpenAI's ``{"error": {"message", "type", "code"}}``, Anthropic's
+    ``{"type": "error", "error": {"type", "message"}}`` (its type from the status) or Ollama's ``{"error":
+    message}``."""
+    if api == "anthropic":
+        return {"type": "error", "error": {"type": ANTHROPIC_ERRORS.get(status, "invalid_request_error" if status < 500 else "api_error"),
+                                           "message": message}}
+    return {"error": {"message": message, "type": kind, "code": status}} if api == "openai" else {"error": message}
 
 
 async def _drain(receive: Receive, length: int) -> None:
@@ -158,7 +176,7 @@ async def _drain(receive: Receive, length: int) -> None:
 
 
 async def _refuse(send: Send, status: int, message: str, api: str, kind: str = "invalid_request_error") -> None:
-    data = json.dumps(error_body(message, status, api == "openai", kind)).encode()
+    data = json.dumps(error_body(message, status, api, kind)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})

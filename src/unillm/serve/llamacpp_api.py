@@ -162,7 +162,7 @@ def routes(server: Server) -> list[Route]:
                 raise InvalidRequestError("n_cmpl > 1 is not streamed by unillm: ask without stream")
             stream = await engine.acomplete(model, prompt, stream=True, **kw, **params)
         except UnillmError as exc:
-            return server.error(exc, openai=False)
+            return server.error(exc, api="ollama")
 
         count = 0
         shown = prompt if isinstance(prompt, str) else ""
@@ -182,10 +182,10 @@ def routes(server: Server) -> list[Route]:
         return sse(stream, events, done=False)
 
     async def infill(request: Request) -> Response:
-        return await server.admitted(request, lambda: generate(request, infill=True), openai=False)
+        return await server.admitted(request, lambda: generate(request, infill=True), api="ollama")
 
     async def completion(request: Request) -> Response:
-        return await server.admitted(request, lambda: generate(request, infill=False), openai=False)
+        return await server.admitted(request, lambda: generate(request, infill=False), api="ollama")
 
     async def tokenize(request: Request) -> Response:
         try:
@@ -201,14 +201,14 @@ def routes(server: Server) -> list[Route]:
                 return JSONResponse({"tokens": [{"id": t, "piece": p} for t, p in zip(ids, pieces)]})
             return JSONResponse({"tokens": ids})
         except UnillmError as exc:
-            return server.error(exc, openai=False)
+            return server.error(exc, api="ollama")
 
     async def detokenize(request: Request) -> Response:
         try:
             body = await server.body_of(request)
             return JSONResponse({"content": await engine.adetokenize(model_of(body), body.get("tokens"))})  # type: ignore[arg-type]
         except UnillmError as exc:
-            return server.error(exc, openai=False)
+            return server.error(exc, api="ollama")
 
     async def apply_template(request: Request) -> Response:
         try:
@@ -218,7 +218,7 @@ def routes(server: Server) -> list[Route]:
                 raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
             return JSONResponse({"prompt": await engine.aapply_chat_template(model_of(body), body.get("messages"))})  # type: ignore[arg-type]
         except UnillmError as exc:
-            return server.error(exc, openai=False)
+            return server.error(exc, api="ollama")
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -227,7 +227,7 @@ def routes(server: Server) -> list[Route]:
         try:
             spec = engine.registry.get(model_of(dict(request.query_params)))
         except UnillmError as exc:
-            return server.error(exc, openai=False)
+            return server.error(exc, api="ollama")
         backend = engine.backend(spec.name)
         info = backend.info() if backend is not None else {}
         return JSONResponse({

@@ -228,7 +228,7 @@ def routes(server: Server) -> list[Route]:
                 r = await engine.achat(model, messages, **params)
                 return JSONResponse(ollama_final(r, key, r.text, r.choices[0].message))
         except UnillmError as exc:
-            return server.error(exc, openai=False)
+            return server.error(exc, api="ollama")
 
         async def parts() -> AsyncIterator[dict[str, Any]]:
             calls: dict[int, list[str]] = {}  # Ollama sends whole calls: OpenAI's deltas gathered by index
@@ -282,10 +282,10 @@ def routes(server: Server) -> list[Route]:
         return ndjson(parts())
 
     async def api_chat(request: Request) -> Response:
-        return await server.admitted(request, lambda: chat(request, generate=False), openai=False)
+        return await server.admitted(request, lambda: chat(request, generate=False), api="ollama")
 
     async def api_generate(request: Request) -> Response:
-        return await server.admitted(request, lambda: chat(request, generate=True), openai=False)
+        return await server.admitted(request, lambda: chat(request, generate=True), api="ollama")
 
     def model_entry(name: str, facts: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = engine.registry.get(name)
@@ -311,7 +311,7 @@ def routes(server: Server) -> list[Route]:
             name: Any = body.get("model") or body.get("name")
             spec = engine.registry.get(name)  # a name that is not a string is refused there
         except UnillmError as exc:
-            return server.error(exc, openai=False)
+            return server.error(exc, api="ollama")
         # The registry defaults that apply here, under Ollama's names (max_tokens does not: a client that sets no
         # limit generates until a stop or the end of the context, as with Ollama's num_predict -1).
         defaults = spec.defaults.model_dump(exclude_none=True)
@@ -348,7 +348,7 @@ def routes(server: Server) -> list[Route]:
                 r = await server.embeddings(
                     body, "input", {"model", "input", "truncate", "options", "keep_alive", "dimensions"}, truncate)
         except UnillmError as exc:
-            return server.error(exc, openai=False)
+            return server.error(exc, api="ollama")
         if legacy:
             return JSONResponse({"embedding": r.vectors[0]})
         return JSONResponse({"model": r.model, "embeddings": r.vectors, "total_duration": ns(time.perf_counter() - t),

@@ -146,7 +146,7 @@ def routes(server: Server) -> list[Route]:
                 return JSONResponse((await engine.achat(model, messages, **params)).to_dict())
             stream = await engine.achat(model, messages, stream=True, **params)
         except UnillmError as exc:
-            return server.error(exc, openai=True)
+            return server.error(exc, api="openai")
         return sse(stream, chunk_events(body))
 
     async def completions(request: Request) -> Response:
@@ -169,14 +169,14 @@ def routes(server: Server) -> list[Route]:
                 raise InvalidRequestError("several prompts are not streamed by unillm: send them one by one, or without stream")
             stream = await engine.acomplete(req.model, prompts[0], stream=True, **kw)
         except UnillmError as exc:
-            return server.error(exc, openai=True)
+            return server.error(exc, api="openai")
         return sse(stream, chunk_events(body))
 
     async def v1_completions(request: Request) -> Response:
-        return await server.admitted(request, lambda: completions(request), openai=True)
+        return await server.admitted(request, lambda: completions(request), api="openai")
 
     async def v1_chat(request: Request) -> Response:
-        return await server.admitted(request, lambda: chat(request), openai=True)
+        return await server.admitted(request, lambda: chat(request), api="openai")
 
     async def v1_models(request: Request) -> Response:
         names = await asyncio.to_thread(server.runnable_names)  # may ask an Ollama daemon, or nvidia-smi
@@ -186,7 +186,7 @@ def routes(server: Server) -> list[Route]:
         try:
             spec = engine.registry.get(request.path_params["model"])
         except UnillmError as exc:
-            return server.error(exc, openai=True)
+            return server.error(exc, api="openai")
         return JSONResponse(model_object(spec.name))
 
     async def v1_embeddings(request: Request) -> Response:
@@ -197,7 +197,7 @@ def routes(server: Server) -> list[Route]:
                 raise InvalidRequestError(f"encoding_format {fmt!r}: use float or base64")
             r = await server.embeddings(body, "input", {"model", "input", "encoding_format", "user", "dimensions"})
         except UnillmError as exc:
-            return server.error(exc, openai=True)
+            return server.error(exc, api="openai")
         out = r.to_dict()
         if fmt == "base64":  # what the OpenAI SDK asks for by default: little-endian float32
             for d in out["data"]:

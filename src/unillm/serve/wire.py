@@ -81,22 +81,29 @@ async def one(obj: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     yield obj
 
 
-def sse(stream: Any, events: Callable[[Any], Iterable[dict[str, Any]]], done: bool = True) -> StreamingResponse:
+def sse(stream: Any, events: Callable[[Any], Iterable[dict[str, Any]]], done: bool = True, *, named: bool = False,
+        error: Callable[[UnillmError], Iterable[dict[str, Any]]] | None = None) -> StreamingResponse:
     """A stream of the engine's chunks as server-sent events: each chunk's JSON objects (``events``), then
-    OpenAI's ``[DONE]`` when ``done``; an error midway is an error event, and the engine's stream is closed
-    however the response ends (a client that goes away stops its generation)."""
+    OpenAI's ``[DONE]`` when ``done``; with ``named``, each object's ``type`` is also its event name (the
+    ``event:`` line that the Responses and Anthropic APIs send). An error midway is an error event (``error``
+    makes its objects; OpenAI's shape by default), and the engine's stream is closed however the response ends
+    (a client that goes away stops its generation)."""
+
+    def line(obj: dict[str, Any]) -> bytes:
+        head = f"event: {obj['type']}\n" if named else ""
+        return f"{head}data: {json.dumps(obj)}\n\n".encode()
 
     async def lines() -> AsyncIterator[bytes]:
         try:
             async for chunk in stream:
                 for obj in events(chunk):
-                    yield f"data: {json.dumps(obj)}\n\n".encode()
+                    yield line(obj)
             if done:
                 yield b"data: [DONE]\n\n"
         except UnillmError as exc:
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': type(exc).__name__}})}\n\n".encode()
+            for obj in error(exc) if error is not None else [{"error": {"message": str(exc), "type": type(exc).__name__}}]:
+                yield line(obj)
         finally:
             await stream.aclose()
 
     return StreamingResponse(lines(), media_type="text/event-stream")
-
