@@ -246,6 +246,82 @@ def test_langchain_chat_anthropic(server):
     assert [(c["name"], c["args"]) for c in called.tool_calls] == [("get_weather", {"city": "Paris"})]
 
 
+# -- the coding agents' requests, as captured from Claude Code 2.1.328 and Codex CLI 0.169 (contents cut short) --
+
+
+def events_of(response: httpx.Response) -> list[dict]:
+    """The SSE events of a response: each ``event:`` name checked against its data's ``type``."""
+    out, name = [], None
+    for line in response.text.splitlines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+            assert data["type"] == name
+            out.append(data)
+    return out
+
+
+def test_claude_codes_request_shape(server):
+    body = {
+        "model": "smollm2", "max_tokens": 24, "stream": True, "temperature": 0,
+        "system": [{"type": "text", "text": "You are Claude Code."},
+                   {"type": "text", "text": "Answer in one sentence.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>Be brief.</system-reminder>"},
+                                                  {"type": "text", "text": QUESTION, "cache_control": {"type": "ephemeral"}}]},
+                     {"role": "system", "content": [{"type": "text", "text": "# Environment\nPlatform: linux"}]}],
+        "tools": [dict(ANTHROPIC_TOOL, name="Read"), dict(ANTHROPIC_TOOL, name="DeferredToolPlaceholder", defer_loading=True)],
+        "metadata": {"user_id": '{"device_id":"d","session_id":"s"}'},
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+    }
+    headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219,context-management-2025-06-27",
+               "x-api-key": "unused"}
+    r = httpx.post(server + "/v1/messages?beta=true", json=body, headers=headers, timeout=120)
+    events = events_of(r)
+    assert r.status_code == 200 and events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    assert events[-2]["delta"]["stop_reason"] in ("end_turn", "tool_use", "max_tokens")
+    counted = httpx.post(server + "/v1/messages/count_tokens", json={k: body[k] for k in (
+        "model", "system", "messages", "tools", "thinking", "context_management", "output_config")}, timeout=60).json()
+    alone = httpx.post(server + "/v1/messages/count_tokens", json={k: body[k] for k in ("model", "system", "messages")}, timeout=60).json()
+    with_both = httpx.post(server + "/v1/messages/count_tokens", json={**{k: body[k] for k in ("model", "system", "messages")},
+                           "tools": [dict(ANTHROPIC_TOOL, name="Read"), dict(ANTHROPIC_TOOL, name="Other")]}, timeout=60).json()
+    assert alone["input_tokens"] < counted["input_tokens"] < with_both["input_tokens"]  # the deferred tool is left out
+    for field, value in [("thinking", {"type": "enabled", "budget_tokens": 2048}), ("output_config", {"effort": "low"}),
+                         ("context_management", {"edits": [{"type": "clear_tool_uses_20250919"}]})]:
+        refused = httpx.post(server + "/v1/messages", json={**body, "stream": False, field: value}, timeout=60)
+        assert refused.status_code == 400 and field in refused.json()["error"]["message"], field
+
+
+def test_codexs_request_shape(server):
+    body = {
+        "model": "smollm2", "stream": True, "store": False, "tool_choice": "auto", "parallel_tool_calls": True,
+        "instructions": None, "max_output_tokens": 40, "temperature": 0,
+        "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+                  {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context/>"}]},
+                  {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Call close_agent for agent 7."}]}],
+        "tools": [dict(RESPONSES_TOOL, name="exec_command", strict=False),
+                  {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [
+                      {"type": "function", "name": "close_agent", "strict": False, "description": "Close an agent.",
+                       "parameters": {"type": "object", "properties": {"target": {"type": "string"}}, "required": ["target"]}}]}],
+        "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "thread-1",
+        "client_metadata": {"thread_id": "thread-1"},
+    }
+    events = events_of(httpx.post(server + "/v1/responses", json=body, timeout=120))
+    assert events[0]["type"] == "response.created" and events[-1]["type"] in ("response.completed", "response.incomplete")
+    forced = httpx.post(server + "/v1/responses", json={**body, "stream": False, "max_output_tokens": 60,
+                                                        "tool_choice": {"type": "function", "name": "multi_agent_v1.close_agent"}}, timeout=120).json()
+    (call,) = forced["output"]
+    assert (call["type"], call["name"], call["namespace"]) == ("function_call", "close_agent", "multi_agent_v1")
+    # The call goes back with its namespace, and the model reads it as the function it called.
+    after = httpx.post(server + "/v1/responses", json={**body, "stream": False, "input": body["input"] + [
+        call, {"type": "function_call_output", "call_id": call["call_id"], "output": "closed"}]}, timeout=120)
+    assert after.status_code == 200 and after.json()["status"] in ("completed", "incomplete")
+    refused = httpx.post(server + "/v1/responses", json={**body, "tools": [*body["tools"], {"type": "web_search", "external_web_access": False}]}, timeout=60)
+    assert refused.status_code == 400 and "web_search" in refused.json()["error"]["message"]
+
+
 # -- the converters' state machines, on hand-made chunks ---------------------------------------------------
 
 

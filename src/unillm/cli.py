@@ -298,7 +298,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     def ready() -> None:  # the socket is bound and the --load models are loaded
         print(f"unillm {__version__} serving on http://{args.host}:{args.port} "
-              "(Ollama API under /api, OpenAI API under /v1)", flush=True)
+              "(Ollama API under /api; OpenAI and Anthropic APIs under /v1)", flush=True)
 
     serve(args.host, args.port, args.api_key or os.environ.get("UNILLM_API_KEY"), args.config, args.load,
           allow_hosts=args.allow_host, max_body_bytes=args.max_body, max_queue=args.max_queue,

@@ -32,9 +32,14 @@ if TYPE_CHECKING:
 SAME = ("max_tokens", "temperature", "top_p")
 #: Fields read by :func:`messages_call`, or that do not change the answer.
 OWN = {"model", "messages", "system", "max_tokens", "stop_sequences", "stream", "tools", "tool_choice", "top_k",
-       "metadata", "thinking", "service_tier"}
+       "metadata", "thinking", "service_tier", "context_management", "output_config", "output_format"}
+#: Keys of a tool: ``cache_control`` and ``strict`` change nothing (unillm's calls always match the schema);
+#: a ``defer_loading`` tool is left out of what the model is offered (it loads through a tool search, which
+#: unillm does not run).
+TOOL_KEYS = {"name", "description", "input_schema", "type", "cache_control", "strict", "defer_loading"}
 #: What count_tokens reads.
-COUNT_FIELDS = {"model", "messages", "system", "tools", "tool_choice", "thinking"}
+COUNT_FIELDS = {"model", "messages", "system", "tools", "tool_choice", "thinking", "context_management", "output_config",
+                "output_format"}
 #: How a chat answer's finish reason reads in Anthropic's ``stop_reason``.
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -88,8 +93,8 @@ def chat_messages(system: Any, messages: list[dict[str, Any]]) -> list[dict[str,
     out: list[dict[str, Any]] = [{"role": "system", "content": _texts("system", system)}] if system else []
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
-        if role not in ("user", "assistant"):
-            raise InvalidRequestError(f"messages[{i}].role must be user or assistant, got {role!r}")
+        if role not in ("user", "assistant", "system"):  # system: instructions mid-conversation (Claude Code sends them)
+            raise InvalidRequestError(f"messages[{i}].role must be user, assistant or system, got {role!r}")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
@@ -134,6 +139,10 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             kind = t.get("type") if isinstance(t, dict) else type(t).__name__
             raise InvalidRequestError(f"tools[{i}] is of type {kind!r}: unillm runs client tools with an input_schema "
                                           "(Anthropic's server tools, such as web_search or code_execution, are Anthropic's)")
+        if set(t) - TOOL_KEYS:
+            raise InvalidRequestError(f"tools[{i}] ({t.get('name')}) has unsupported key(s) {sorted(set(t) - TOOL_KEYS)}")
+        if t.get("defer_loading"):
+            continue
         fn = {"name": t.get("name"), "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}
         if t.get("description"):
             fn["description"] = t["description"]
@@ -155,10 +164,35 @@ def _tool_choice(choice: Any) -> tuple[Any, bool]:
 
 
 def _no_thinking(body: dict[str, Any]) -> None:
+    """``thinking`` off, or ``adaptive`` (the model decides, and unillm's models do not think); Claude Code's
+    ``clear_thinking`` context edit (earlier thinking is never in unillm's prompts)."""
     thinking = body.get("thinking")
-    if thinking is not None and (not isinstance(thinking, dict) or thinking.get("type") != "disabled"):
+    if thinking is not None and (not isinstance(thinking, dict) or thinking.get("type") not in ("disabled", "adaptive")):
         raise InvalidRequestError(f"thinking {thinking!r}: model {body.get('model')!r} has no reasoning setting in unillm "
-                                      "(only {'type': 'disabled'})")
+                                  "(only {'type': 'disabled'} or 'adaptive')")
+    edits = (body.get("context_management") or {}).get("edits") or []
+    other = [e.get("type") if isinstance(e, dict) else e for e in edits
+             if not (isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking_"))]
+    if other or set(body.get("context_management") or {}) - {"edits"}:
+        raise InvalidRequestError(f"context_management {other or body['context_management']}: unillm never edits the "
+                                  "context it is sent (only clear_thinking, as earlier thinking is dropped anyway)")
+
+
+def _output(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``response_format`` of ``output_config.format`` (or the older ``output_format``); ``effort`` may
+    only be Anthropic's default, ``high``: no model in unillm has an effort setting."""
+    config = dict(body.get("output_config") or {})
+    if config.pop("effort", "high") != "high":
+        raise InvalidRequestError(f"output_config.effort {body['output_config']['effort']!r}: model {body.get('model')!r} "
+                                  "has no effort setting in unillm (only high, the default)")
+    fmt = config.pop("format", None) or body.get("output_format")
+    if config:
+        raise InvalidRequestError(f"output_config has unsupported field(s) {sorted(config)}")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise InvalidRequestError("output_config.format must be {'type': 'json_schema', 'schema': {...}}")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
 
 
 def messages_call(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dict[str, Any], bool]:
@@ -170,13 +204,17 @@ def messages_call(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dict
         raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
     _no_thinking(body)
     params: dict[str, Any] = {k: body[k] for k in SAME if body.get(k) is not None}
+    fmt = _output(body)
+    if fmt is not None:
+        params["response_format"] = fmt
     if req.stop_sequences:
         params["stop"] = req.stop_sequences
     if body.get("top_k") is not None:
         params["extra"] = {"top_k": body["top_k"]}
     single = False
-    if body.get("tools"):
-        params["tools"] = _tools(body["tools"])
+    tools = _tools(body["tools"]) if body.get("tools") else []
+    if tools:
+        params["tools"] = tools
         choice, single = _tool_choice(body.get("tool_choice"))
         if choice is not None:
             params["tool_choice"] = choice

@@ -39,7 +39,7 @@ SAME = ("temperature", "top_p", "seed")
 OWN = {"model", "input", "instructions", "max_output_tokens", "tools", "tool_choice", "parallel_tool_calls", "text",
        "stream", "store", "previous_response_id", "reasoning", "metadata", "user", "safety_identifier",
        "prompt_cache_key", "service_tier", "truncation", "include", "stream_options", "top_logprobs", "background",
-       "max_tool_calls", "prompt_cache_retention"}
+       "max_tool_calls", "prompt_cache_retention", "client_metadata"}
 #: ``include`` values: those that ask for nothing this server would leave out (no encrypted reasoning is ever
 #: made), and the one that asks for log probabilities.
 INCLUDE_NOTHING = {"reasoning.encrypted_content"}
@@ -103,8 +103,8 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
         elif kind == "function_call":
             if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
                 raise InvalidRequestError(f"{where}: a function_call item needs name and call_id")
-            call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}}
+            name = f"{item['namespace']}.{item['name']}" if item.get("namespace") else item["name"]
+            call = {"id": item["call_id"], "type": "function", "function": {"name": name, "arguments": item.get("arguments") or "{}"}}
             last = out[-1] if out else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -123,17 +123,31 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(tools: Any) -> list[dict[str, Any]]:
+def _tools(tools: Any, where: str = "tools", namespace: str | None = None) -> list[dict[str, Any]]:
+    """Function tools in the chat shape; a ``namespace`` tool's functions are offered as ``namespace.name``
+    (and a call of one comes back with its ``namespace``)."""
     if not isinstance(tools, list):
-        raise InvalidRequestError("tools must be a list")
+        raise InvalidRequestError(f"{where} must be a list")
     out = []
     for i, t in enumerate(tools):
         kind = t.get("type") if isinstance(t, dict) else None
+        if kind == "namespace" and namespace is None and isinstance(t.get("name"), str):
+            out += _tools(t.get("tools"), f"{where}[{i}].tools", t["name"])
+            continue
         if kind != "function":
-            raise InvalidRequestError(f"tools[{i}] is of type {kind!r}: unillm runs function tools only "
-                                          "(hosted tools such as web_search or file_search are OpenAI's)")
-        out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None}})
+            raise InvalidRequestError(f"{where}[{i}] is of type {kind!r}: unillm runs function tools only "
+                                      "(hosted tools such as web_search or file_search are OpenAI's)")
+        fn = {k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None}
+        if namespace is not None:
+            fn["name"] = f"{namespace}.{fn.get('name')}"
+        out.append({"type": "function", "function": fn})
     return out
+
+
+def split_name(name: str, namespaces: set[str]) -> tuple[str, str | None]:
+    """(name, namespace) of a called tool: ``ns.name`` is a function of namespace ``ns``."""
+    ns, dot, rest = name.partition(".")
+    return (rest, ns) if dot and ns in namespaces else (name, None)
 
 
 def _tool_choice(choice: Any) -> Any:
@@ -179,7 +193,8 @@ def responses_call(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dic
                                       "an input over the window is an error naming both)")
     if body.get("max_tool_calls") is not None:
         raise InvalidRequestError("max_tool_calls limits hosted tools, which unillm does not run")
-    reasoning = {k: v for k, v in (req.reasoning or {}).items() if v is not None}
+    # A summary of reasoning (Codex asks for one) is of none: unillm's models do not reason here.
+    reasoning = {k: v for k, v in (req.reasoning or {}).items() if v is not None and k != "summary"}
     if reasoning:
         raise InvalidRequestError(f"reasoning {reasoning}: model {req.model!r} has no reasoning setting in unillm")
     include = set(req.include or [])
@@ -211,6 +226,7 @@ class Answer:
         self.created = int(time.time())
         self.body, self.model = body, model
         self.single_call = body.get("parallel_tool_calls") is False
+        self.namespaces = {t["name"] for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "namespace"}
         self.logprobs = INCLUDE_LOGPROBS in (body.get("include") or [])
 
     def response(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
@@ -244,10 +260,11 @@ class Answer:
             part["logprobs"] = logprobs or []
         return {"type": "message", "id": new_id("msg"), "status": status, "role": "assistant", "content": [part]}
 
-    @staticmethod
-    def call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
-        return {"type": "function_call", "id": new_id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
+    def call_item(self, call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
+        name, namespace = split_name(name, self.namespaces)
+        item = {"type": "function_call", "id": new_id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
                 "status": status}
+        return dict(item, namespace=namespace) if namespace else item
 
     def of(self, r: ChatCompletion) -> dict[str, Any]:
         """The response object of a chat completion."""
