@@ -23,7 +23,7 @@ from starlette.routing import Route
 from ..errors import InvalidRequestError, UnillmError
 from ..types import ChatCompletion, ChatCompletionChunk, Usage
 from .guard import error_body
-from .wire import sse, status, typed
+from .wire import sse, status, text_parts, typed
 
 if TYPE_CHECKING:
     from .app import Server
@@ -73,17 +73,7 @@ def _refused(where: str, kind: Any) -> InvalidRequestError:
 
 def _texts(where: str, content: Any) -> str:
     """The text of a string or of text blocks (a tool result's content, the system prompt)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequestError(f"{where} must be a string or a list of text blocks")
-    out = []
-    for k, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-        if kind != "text" or not isinstance(block.get("text"), str):
-            raise _refused(f"{where}[{k}]", kind)
-        out.append(block["text"])
-    return "\n".join(out)
+    return text_parts(where, content, ("text",), "\n")
 
 
 def chat_messages(system: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from ..errors import InvalidRequestError, UnillmError
 from ..types import ChatCompletion, ChatCompletionChunk, Usage
 from .guard import error_body
-from .wire import sse, typed
+from .wire import sse, text_parts, typed
 
 if TYPE_CHECKING:
     from .app import Server
@@ -70,17 +70,7 @@ def new_id(prefix: str) -> str:
 
 def _text_of(where: str, content: Any, kinds: tuple[str, ...]) -> str:
     """The text of an item's ``content``: a string, or parts of the given types (anything else refused by name)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequestError(f"{where}.content must be a string or a list of parts")
-    texts = []
-    for k, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind not in kinds or not isinstance(part.get("text"), str):
-            raise InvalidRequestError(f"{where}.content[{k}] is a {kind!r} part: unillm's models read text only ({', '.join(kinds)})")
-        texts.append(part["text"])
-    return "".join(texts)
+    return text_parts(f"{where}.content", content, kinds)
 
 
 def input_messages(items: Any) -> list[dict[str, Any]]:
@@ -113,7 +103,7 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise InvalidRequestError(f"{where}: a function_call_output item needs call_id")
-            output = _text_of(where, item.get("output"), ("input_text", "output_text")) if not isinstance(item.get("output"), str) else item["output"]
+            output = text_parts(f"{where}.output", item.get("output"), ("input_text", "output_text"))
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         elif kind == "reasoning":
             continue

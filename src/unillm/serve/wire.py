@@ -56,6 +56,22 @@ def typed(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise InvalidRequestError(f"{field}: {msg}") from None
 
 
+def text_parts(where: str, content: Any, kinds: tuple[str, ...], sep: str = "") -> str:
+    """The text of a string, or of a list of parts whose ``type`` is one of ``kinds`` (joined with ``sep``);
+    any other part is an error naming it and where it is."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"{where} must be a string or a list of {' or '.join(kinds)} parts")
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in kinds or not isinstance(part.get("text"), str):
+            raise InvalidRequestError(f"{where}[{k}] is a {kind!r} part: unillm's models read text only ({', '.join(kinds)})")
+        texts.append(part["text"])
+    return sep.join(texts)
+
+
 def now() -> str:
     """The current UTC time as Ollama writes it (``2026-01-01T12:00:00.000000Z``)."""
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
