@@ -212,7 +212,8 @@ def test_anthropic_errors_in_anthropics_shape(claude, server):
     hi = [{"role": "user", "content": "Hi"}]
     for kw, named in [({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}, "image"),
                       ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
-                      ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search_20250305")]:
+                      ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search_20250305"),
+                      ({"messages": [*hi, {"role": "assistant", "content": "The answer is"}]}, "prefill")]:
         with pytest.raises(anthropic.BadRequestError) as err:
             claude.messages.create(model="smollm2", max_tokens=5, **{"messages": hi, **kw})
         assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "invalid_request_error"

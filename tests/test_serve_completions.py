@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import httpx
 import pytest
@@ -241,10 +242,16 @@ def test_a_request_closed_early_leaves_its_cache_to_the_next(server):
     misses = []
     for i in range(6):
         body["prompt"] = "def g(" + "y" * i
+        cancelled = httpx.get(server + "/unillm/stats").json()["requests"].get("cancelled", 0)
         with httpx.stream("POST", server + "/infill", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and json.loads(line[6:]).get("content"):
                     break  # what the editor shows: it closes the stream here
+        # The next request once the server has seen the close (one sent sooner can cross it and find the slot
+        # still busy; llama.cpp's server also picks among idle slots only).
+        deadline = time.time() + 30
+        while httpx.get(server + "/unillm/stats").json()["requests"].get("cancelled", 0) <= cancelled and time.time() < deadline:
+            time.sleep(0.05)
         follow = post(server, "/infill", {**body, "prompt": body["prompt"] + "z", "n_predict": 1, "stream": False}).json()
         if follow["tokens_cached"] < follow["tokens_evaluated"] // 2:
             misses.append((i, follow["tokens_cached"], follow["tokens_evaluated"]))

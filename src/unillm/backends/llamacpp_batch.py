@@ -240,6 +240,10 @@ class Batcher:
         self.waiting.clear()
 
     def _admit(self) -> None:
+        for slot in self.slots if self.waiting else ():  # a slot whose caller has gone is free for the next
+            if slot is not None and slot.job.cancel.is_set():
+                slot.job.text.finish = "cancelled"
+                self._finish(slot)
         while self.waiting and None in self.slots:
             job = self.waiting[0]
             if not job.cancel.is_set() and not self._fits(job):

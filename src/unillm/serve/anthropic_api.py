@@ -210,6 +210,9 @@ def messages_call(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dict
             params["tool_choice"] = choice
     elif body.get("tool_choice") not in (None, {"type": "none"}, {"type": "auto"}):
         raise InvalidRequestError(f"tool_choice {body['tool_choice']!r} needs tools")
+    if req.messages and req.messages[-1].get("role") == "assistant":
+        raise InvalidRequestError("the messages end with an assistant turn: Anthropic's prefill (the answer continuing "
+                                  "that text) is not supported by unillm; end with a user turn")
     return req.model, chat_messages(req.system, req.messages), params, single
 
 
