@@ -98,14 +98,15 @@ POOL = """models:
 
 def test_a_shared_kv_pool_admits_what_fits_and_the_rest_waits(write_config):
     """Four slots of 512 tokens share 640 cells: requests whose prompts together need more are answered one
-    after another (each alone as it would be), never a failed llama_decode; idle slots' cached prompts give way."""
+    after another, never a failed llama_decode (what they got with the admission check taken out); idle slots'
+    cached prompts give way."""
     from unillm import Engine
 
     prompts = [f"Story {i}: " + "the cat sat on the mat and " * 60 + "What did the cat do?" for i in range(3)]
     with Engine(write_config(POOL)) as eng:
-        alone = [eng.chat("pooled", p, max_tokens=8, **GREEDY) for p in prompts]
-        assert all(400 < r.usage.prompt_tokens < 500 for r in alone)  # two of them need more than 640 cells
+        sizes = [eng.count_tokens("pooled", [{"role": "user", "content": p + " "}]) for p in prompts]
+        assert all(400 < n < 500 for n in sizes)  # two of them need more than 640 cells
         with ThreadPoolExecutor(3) as pool:
             together = list(pool.map(lambda p: eng.chat("pooled", p + " ", max_tokens=8, **GREEDY), prompts))
         assert [r.finish_reason for r in together] == ["length"] * 3
-        assert all(r.usage.completion_tokens == 8 for r in together)
+        assert [r.usage.prompt_tokens for r in together] == sizes and all(r.usage.completion_tokens == 8 for r in together)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -226,6 +227,25 @@ def test_anthropic_errors_in_anthropics_shape(claude, server):
     window = httpx.post(server + "/v1/messages", json={"model": "smollm2", "max_tokens": 5, "messages": [
         {"role": "user", "content": "word " * 3000}]}, timeout=60)
     assert window.status_code == 400 and "context window" in window.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/messages", {"max_tokens": 400, "messages": [{"role": "user", "content": "Write a long story."}]}),
+    ("/v1/responses", {"max_output_tokens": 400, "input": "Write a long story."})])
+def test_a_stream_whose_client_leaves_is_cancelled(server, path, body):
+    """The same admission as chat: a client that closes a stream stops its generation."""
+    def cancelled() -> int:
+        return httpx.get(server + "/unillm/stats").json()["requests"].get("cancelled", 0)
+
+    before = cancelled()
+    with httpx.stream("POST", server + path, json={"model": "smollm2", "stream": True, "temperature": 0, **body}, timeout=60) as r:
+        for line in r.iter_lines():
+            if "delta" in line:
+                break
+    deadline = time.time() + 30
+    while cancelled() == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert cancelled() == before + 1
 
 
 def test_langchain_chat_anthropic(server):
