@@ -6,6 +6,7 @@ machines are checked beside them on hand-made chunks (unit)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 
@@ -157,6 +158,33 @@ def test_agents_sdk_default_responses_model_with_a_tool_and_an_output_type(serve
     weather, city = asyncio.run(run())
     assert asked == ["Paris"] and isinstance(weather.final_output, str) and weather.final_output
     assert isinstance(city.final_output, City) and city.final_output.country
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_langchain_and_llamaindex_on_the_responses_api(server):
+    lc = pytest.importorskip("langchain_openai")
+    li = pytest.importorskip("llama_index.llms.openai")
+    from langchain_core.tools import tool
+    from llama_index.core.llms import ChatMessage
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "Sunny."
+
+    llm = lc.ChatOpenAI(model="smollm2", base_url=server + "/v1", api_key="unused", use_responses_api=True,
+                        temperature=0, max_tokens=24, max_retries=0)
+    said = llm.invoke([("system", "Answer in one sentence."), ("human", QUESTION)])
+    assert "Paris" in said.text and said.usage_metadata["output_tokens"] > 0
+    called = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    assert [(c["name"], c["args"]) for c in called.tool_calls] == [("get_weather", {"city": "Paris"})]
+    index = li.OpenAIResponses(model="smollm2", api_base=server + "/v1", api_key="unused", temperature=0,
+                               max_output_tokens=24, max_retries=0, context_window=2048)
+    ask = [ChatMessage(role="system", content="Answer in one sentence."), ChatMessage(role="user", content=QUESTION)]
+    answer = index.chat(ask).message.content
+    assert "Paris" in answer and "".join(c.delta or "" for c in index.stream_chat(ask)) == answer
+    del llm, index  # the frameworks never close their HTTP clients: collected here, not in a later test
+    gc.collect()
 
 
 # -- the Messages API --------------------------------------------------------------------------------------
