@@ -77,10 +77,9 @@ class TokenText:
         before = len(self.text)
         self.text += self._decoder.decode(piece)
         # A stop string not found before can only end in the new text: search from where it could begin.
-        hits = [i for s in self.stops if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
         if hits:
-            at = min(hits)
-            self.stop_sequence = next(s for s in self.stops if self.text.find(s, max(0, before - len(s) + 1)) == at)
+            at, self.stop_sequence = min(hits, key=lambda hit: hit[0])
             self.text, self.finish, self._cut = self.text[:at], "stop", True
             return True
         if self.n_indent and self._short_line():

@@ -265,7 +265,7 @@ class Batcher:
             self.slots[seq] = _Slot(seq, job, sampler, grammar, prompt_left=job.tokens[keep:])
             if self.pool is not None:
                 self.reserved[seq] = len(job.tokens) + job.text.max_tokens
-                self._make_room(seq)
+                self._make_room()
 
     def _fits(self, job: SeqJob) -> bool:
         """Whether a request's prompt and max_tokens fit in the pool beside those of the running ones."""
@@ -274,7 +274,7 @@ class Batcher:
         running = sum(self.reserved[i] for i, s in enumerate(self.slots) if s is not None)
         return running + len(job.tokens) + job.text.max_tokens <= self.pool
 
-    def _make_room(self, seq: int) -> None:
+    def _make_room(self) -> None:
         """Drop the cached prompts of idle slots, the largest first, until the running requests' cells fit."""
         idle = sorted((i for i, s in enumerate(self.slots) if s is None and self.cached[i]), key=lambda i: -len(self.cached[i]))
         running = sum(self.reserved[i] for i, s in enumerate(self.slots) if s is not None)
