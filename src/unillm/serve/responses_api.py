@@ -405,29 +405,17 @@ def routes(server: Server) -> list[Route]:
     async def v1_responses(request: Request) -> Response:
         return await server.admitted(request, lambda: create(request), api="openai")
 
-    def stored(request: Request) -> tuple[str, dict[str, Any]]:
+    async def kept_response(request: Request) -> Response:
         rid = request.path_params["id"]
         if rid not in kept:
-            raise InvalidRequestError(f"no response {rid!r} is kept by this server (it keeps the last {KEPT} stored ones, until it restarts)")
-        return rid, kept[rid][0]
-
-    async def get_response(request: Request) -> Response:
-        try:
-            _, r = stored(request)
-        except UnillmError as exc:
-            return JSONResponse(error_body(str(exc), 404, "openai"), status_code=404)
-        return JSONResponse(r)
-
-    async def delete_response(request: Request) -> Response:
-        try:
-            rid, _ = stored(request)
-        except UnillmError as exc:
-            return JSONResponse(error_body(str(exc), 404, "openai"), status_code=404)
-        del kept[rid]
-        return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
+            msg = f"no response {rid!r} is kept by this server (it keeps the last {KEPT} stored ones, until it restarts)"
+            return JSONResponse(error_body(msg, 404, "openai"), status_code=404)
+        if request.method == "DELETE":
+            del kept[rid]
+            return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
+        return JSONResponse(kept[rid][0])
 
     return [
         Route("/v1/responses", v1_responses, methods=["POST"]),
-        Route("/v1/responses/{id}", get_response, methods=["GET"]),
-        Route("/v1/responses/{id}", delete_response, methods=["DELETE"]),
+        Route("/v1/responses/{id}", kept_response, methods=["GET", "DELETE"]),
     ]
