@@ -83,19 +83,24 @@ async def chunk_gaps(stream, gaps: list[float]) -> None:
 
 
 VOCABS = ("starcoder", "deepseek-coder", "qwen2", "refact")
+#: Real chat templates of the families in unillm.families, as llama.cpp vendors them (models/templates/).
+TEMPLATES = ("Qwen-Qwen2.5-7B-Instruct", "meta-llama-Llama-3.1-8B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407",
+             "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "Qwen-Qwen3-0.6B", "meta-llama-Llama-3.2-3B-Instruct",
+             "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use")
 
 
 @pytest.fixture(scope="session")
-def vocab_dir() -> Path:
-    """The vocabulary-only GGUFs of real code models that llama-cpp-python's sdist vendors (llama.cpp's
-    models/ggml-vocab-*.gguf), fetched once from PyPI into the cache with the installed version's sdist."""
+def sdist_dir() -> Path:
+    """Files that llama-cpp-python's sdist vendors from llama.cpp's models/: the vocabulary-only GGUFs of real
+    code models (ggml-vocab-*.gguf) and real chat templates (templates/*.jinja), fetched once from PyPI into
+    the cache with the installed version's sdist."""
     import tarfile
 
     llama_cpp = pytest.importorskip("llama_cpp")
     from unillm.system import cache_root
 
     folder = cache_root() / "test-vocab" / llama_cpp.__version__
-    names = [f"ggml-vocab-{v}.gguf" for v in VOCABS]
+    names = [f"ggml-vocab-{v}.gguf" for v in VOCABS] + [f"{t}.jinja" for t in TEMPLATES]
     if all((folder / n).is_file() for n in names):
         return folder
     download = folder.parent / "download"
@@ -120,3 +125,14 @@ def vocab_dir() -> Path:
     missing = [n for n in names if not (folder / n).is_file()]
     assert not missing, f"the sdist has no {missing}"
     return folder
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(sdist_dir: Path) -> Path:
+    return sdist_dir
+
+
+@pytest.fixture(scope="session")
+def templates(sdist_dir: Path) -> dict[str, str]:
+    """The real chat templates by name (``TEMPLATES``)."""
+    return {t: (sdist_dir / f"{t}.jinja").read_text(encoding="utf-8") for t in TEMPLATES}

@@ -90,8 +90,23 @@ class FakeBackend(Backend):
             Path(marker).write_text(self.spec.name)
 
 
+class TalkerBackend(FakeBackend):
+    """Says the last user message's text verbatim, streamed in the pieces that ``\\x1f`` separates in it: a
+    model's answer in its family's own format (registry ``chat_format``), read back by the engine."""
+
+    name = "talker"
+    capabilities = Capabilities(streaming=True, json_schema=True, tools=True)
+
+    async def stream(self, request: Request) -> AsyncGenerator[Piece, None]:
+        pieces = (request.messages[-1].content or "").split("\x1f")
+        for piece in pieces[:-1]:
+            yield Piece(piece)
+        yield Piece(pieces[-1], "stop", Usage(1, len(pieces)), 0.0, None)
+
+
 def register() -> None:
     """Register the fake backend as a third-party backend would be (by name, imported when first used)."""
     BACKENDS["fake"] = BackendInfo("fake", "fake_backend:FakeBackend", "fake_backend", "unillm", "test")
+    BACKENDS["talker"] = BackendInfo("talker", "fake_backend:TalkerBackend", "fake_backend", "unillm", "test")
 
     BACKENDS["slow"] = BackendInfo("slow", "fake_slow_import:SlowBackend", "fake_slow_import", "unillm", "test")

@@ -443,12 +443,12 @@ def test_input_items_and_blocks_become_chat_messages():
     msgs = responses_api.input_messages([
         {"role": "developer", "content": "Be brief."},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
-        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Look it up."}]},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"type": "function_call_output", "call_id": "c1", "output": "Sunny."}])
     assert msgs == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
-                    {"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"role": "assistant", "content": "Checking.", "reasoning_content": "Look it up.", "tool_calls": [
                         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
                     {"role": "tool", "tool_call_id": "c1", "content": "Sunny."}]
     chat = anthropic_api.chat_messages([{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}], [
@@ -460,5 +460,6 @@ def test_input_items_and_blocks_become_chat_messages():
                                      {"type": "text", "text": "Thanks."}]}])
     assert chat == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
                     {"role": "assistant", "content": "Checking.", "tool_calls": [
-                        {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                        {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+                     "reasoning_content": "..."},
                     {"role": "tool", "tool_call_id": "t1", "content": "Error: Sunny."}, {"role": "user", "content": "Thanks."}]

@@ -229,6 +229,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 load_s = engine.load(name)
                 backend = engine.backend(name)
                 info = backend.info() if backend is not None else {}
+                if backend is not None:  # the family it is read as: the registry's chat_format, or its template's
+                    info["chat_format"] = backend.family().name
                 row = next(r for r in rows if r["name"] == registry.get(name).name)
                 row["loaded"] = {"load_s": round(load_s, 2), **info}
     if args.json:

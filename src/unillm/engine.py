@@ -45,9 +45,10 @@ from .errors import (
 from .completions import Prompt
 from .textgen import CoreText, EngineText, started, totals
 from .messages import validate_messages
-from .params import ChatParams, merge_params
+from .params import ChatParams, SamplingParams, merge_params
 from ._loop import LoopThread
 from .registry import ModelSpec, Registry
+from .families import Reasoning, check_think, split_reasoning, thinking
 from .structured import Structure, ToolCallParser
 from .system import give_memory_back, hardware_problem
 from .types import (
@@ -141,8 +142,10 @@ class _Core(CoreText):
         if spec.task == "embed":
             what = "chat" if prompt is None else "completion"
             raise UnsupportedFeatureError(spec.backend, f"{what} with {spec.name!r}: its registry entry is an embedding model (task: embed); use Engine.embed")
-        if prompt is not None and {"response_format", "tools", "tool_choice"} & {k for k, v in params.items() if v is not None}:
-            raise InvalidRequestError("response_format, tools and tool_choice apply to chat, not to a completion")
+        chat_only = sorted({"response_format", "tools", "tool_choice", "think"} & {k for k, v in params.items() if v is not None})
+        if prompt is not None and chat_only:
+            raise InvalidRequestError(f"{', '.join(chat_only)}: response_format, tools, tool_choice and think apply to chat, "
+                                      "not to a completion")
         asked = [k for k in ("logprobs", "top_logprobs") if params.get(k)]
         if asked and not backend.capabilities.logprobs:
             raise UnsupportedFeatureError(spec.backend, f"{' and '.join(asked)} (model {spec.name!r}; llama.cpp and vLLM models return them)")
@@ -152,6 +155,7 @@ class _Core(CoreText):
             raise UnsupportedFeatureError(spec.backend, f"tools (model {spec.name!r})")
         if structure is not None and structure.mode == "json" and not caps.json_schema:
             raise UnsupportedFeatureError(spec.backend, f"response_format, a JSON answer (model {spec.name!r})")
+        _reasoning_setting(spec, backend, sampling)
         if not self.registry_max_tokens and params.get("max_tokens") is None:
             sampling.max_tokens = None  # a client that sets no limit gets the end of the context (as Ollama, OpenAI)
         rid = new_request_id() if prompt is None else new_request_id("cmpl")
@@ -186,15 +190,19 @@ class _Core(CoreText):
     async def chat(self, model: str, messages: Messages, params: dict[str, Any]) -> ChatCompletion:
         spec, backend, req, load_s, fallback = await self._prepare(model, messages, params)
         structure: Structure | None = req.params.structure
+        family = backend.family()
+        on = thinking(family, req.params.think) and not backend.own_reasoning
         with self.counted():
             gens = await self.generations(spec, backend, req)
             choices = []
             for i, gen in enumerate(gens):
                 _check_calls_asked(spec, structure, gen.tool_calls)
+                reasoning, text = (gen.reasoning, gen.text) if backend.own_reasoning else split_reasoning(family, on, gen.text)
                 if structure is not None:
-                    message, finish = structure.finish(spec.name, gen.text, gen.finish_reason, _parser(backend, structure), gen.tool_calls)
+                    message, finish = structure.finish(spec.name, text, gen.finish_reason, _parser(backend, structure), gen.tool_calls)
                 else:
-                    message, finish = Message("assistant", gen.text), gen.finish_reason
+                    message, finish = Message("assistant", text), gen.finish_reason
+                message.reasoning_content = reasoning or None
                 lp = {"content": gen.logprobs} if gen.logprobs is not None else None
                 choices.append(Choice(i, message, finish, lp, gen.stop_sequence if finish == "stop" else None))
         for c in choices:
@@ -276,7 +284,9 @@ class _Core(CoreText):
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         role: str | None = "assistant"
         structure: Structure | None = req.params.structure
-        shaper = structure.streamer(_parser(backend, structure)) if structure is not None else None
+        family = backend.family()
+        shaper = structure.streamer(_parser(backend, structure), family.markers, family.leading) if structure is not None else None
+        splitter = Reasoning(family, thinking(family, req.params.think) and not backend.own_reasoning)
         pieces = backend.stream(req)
 
         def chunk(delta: Delta, piece: Piece | None = None, finish: str | None = None) -> ChatCompletionChunk:
@@ -298,11 +308,19 @@ class _Core(CoreText):
                     _check_calls_asked(spec, shaper.s if shaper is not None else None, piece.tool_calls)
                     assert shaper is not None
                     shaper.given.extend(piece.tool_calls)
-                text = shaper.feed(piece.text) if shaper is not None else piece.text
+                if backend.own_reasoning:
+                    reasoning, answer = piece.reasoning or "", piece.text
+                else:
+                    reasoning, answer = splitter.feed(piece.text)
+                    if piece.finish_reason is not None:
+                        more, rest = splitter.end()
+                        reasoning, answer = reasoning + more, answer + rest
+                text = shaper.feed(answer) if shaper is not None else answer
                 if piece.finish_reason is None:
                     calls = shaper.call_deltas() if shaper is not None else None
-                    if text or piece.logprobs or calls:
-                        yield chunk(Delta(role, text if text or not calls else None, tool_calls=calls or None), piece)
+                    if text or piece.logprobs or calls or reasoning:
+                        yield chunk(Delta(role, text if text or not (calls or reasoning) else None, tool_calls=calls or None,
+                                          reasoning_content=reasoning or None), piece)
                         role = None
                     continue
                 finish, calls = piece.finish_reason, None
@@ -312,6 +330,9 @@ class _Core(CoreText):
                     rest, calls, finish = shaper.end(spec.name, piece.finish_reason)
                     text += rest
                 tally.outcome = finish
+                if reasoning:
+                    yield chunk(Delta(role, None, reasoning_content=reasoning))
+                    role = None
                 if calls:
                     yield chunk(Delta(role, text or None, tool_calls=calls))
                     role, text = None, ""
@@ -404,8 +425,29 @@ def _check_calls_asked(spec: ModelSpec, structure: Structure | None, calls: list
 
 
 def _parser(backend: Backend, structure: Structure) -> ToolCallParser | None:
-    """The backend's own tool-call reader, where the model may choose to call (``auto``)."""
-    return backend.tool_call_parser(structure) if structure.mode == "auto" else None
+    """The tool-call reader where the model may choose to call (``auto``): the backend's library's own, else
+    the model family's (None: Hermes ``<tool_call>`` blocks)."""
+    if structure.mode != "auto":
+        return None
+    return backend.tool_call_parser(structure) or backend.family().read_calls
+
+
+def _reasoning_setting(spec: ModelSpec, backend: Backend, sampling: SamplingParams) -> None:
+    """Check the request's ``think`` against the model's family. A JSON answer or a required call from a
+    reasoning model whose backend cannot constrain the answer after the reasoning (only llama.cpp's grammar
+    can) asks it not to think."""
+    if backend.own_reasoning:
+        return
+    family = backend.family()
+    check_think(family, sampling.think, spec.name)
+    structure = sampling.structure
+    if structure is None or structure.mode == "auto" or not thinking(family, sampling.think) or backend.reasons_before_json:
+        return
+    if sampling.think is True:
+        raise InvalidRequestError(f"think=true with a JSON answer or a required tool call: model {spec.name!r} runs on "
+                                  f"{spec.backend}, whose constrained decoding cannot let it reason first (llama.cpp's can); "
+                                  "use think=false")
+    sampling.think = False
 
 
 def _close_at_exit(ref: weakref.ReferenceType[Engine]) -> Callable[[], None]:

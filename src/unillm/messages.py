@@ -28,7 +28,7 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "reasoning"}
 
 
 def _content(i: int, content: Any) -> str | None:
@@ -79,7 +79,10 @@ def message_from_dict(i: int, m: Mapping[str, Any]) -> Message:
     name = m.get("name")
     if name is not None and not isinstance(name, str):
         raise InvalidRequestError(f"messages[{i}].name must be a string")
-    return Message(role, _content(i, m.get("content")), name, calls, tool_call_id)
+    reasoning = m.get("reasoning_content", m.get("reasoning"))
+    if reasoning is not None and not (isinstance(reasoning, str) and role == "assistant"):
+        raise InvalidRequestError(f"messages[{i}].reasoning_content must be a string, on an assistant message")
+    return Message(role, _content(i, m.get("content")), name, calls, tool_call_id, reasoning_content=reasoning or None)
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any] | Message] | str) -> list[Message]:
@@ -130,7 +133,9 @@ def from_ollama_messages(messages: Any) -> Any:
             m = dict(m)
             if m.pop("images", None):
                 raise InvalidRequestError(f"messages[{i}].images: unillm's models take text only")
-            m.pop("thinking", None)  # a thinking model's earlier reasoning: not part of the conversation
+            thought = m.pop("thinking", None)  # an earlier answer's reasoning: its chat template decides what it keeps
+            if thought and m.get("role") == "assistant":
+                m["reasoning_content"] = thought
             if "tool_name" in m:
                 m["name"] = m.pop("tool_name")
         out.append(m)

@@ -77,8 +77,9 @@ class VLLMOptions(BaseModel):
     enable_prefix_caching: bool | None = None
     enforce_eager: bool | None = None
     engine_args: dict[str, Any] = {}
-    #: vLLM's tool parser for tool_choice "auto" (hermes covers Qwen2.5 and Qwen2.5-Coder).
-    tool_parser: str = "hermes"
+    #: vLLM's tool parser for tool_choice "auto"; unset: the model family's (hermes for Qwen2.5 and
+    #: Qwen2.5-Coder, llama3_json for Llama 3.1, mistral, deepseek_v3; see unillm.families).
+    tool_parser: str | None = None
 
 
 class HFOptions(BaseModel):

@@ -11,7 +11,7 @@ Example:
     >>> merge_params({"temperature": 0.3}, {"max_tokens": 8}).temperature
     0.3
     >>> sorted(n for n, p in PARAMS.items() if p.registry_default)
-    ['frequency_penalty', 'max_tokens', 'presence_penalty', 'seed', 'stop', 'temperature', 'top_p']
+    ['frequency_penalty', 'max_tokens', 'presence_penalty', 'seed', 'stop', 'temperature', 'think', 'top_p']
 """
 
 from __future__ import annotations
@@ -92,6 +92,12 @@ def _top_logprobs(name: str, v: Any) -> int:
     return v
 
 
+def _think(name: str, v: Any) -> bool | str:
+    if not (isinstance(v, bool) or v in ("low", "medium", "high")):
+        raise InvalidRequestError(f"{name} must be true, false, low, medium or high, got {v!r}")
+    return v  # type: ignore[no-any-return]
+
+
 def _any(name: str, v: Any) -> Any:
     return v  # checked as a whole by unillm.structured.structure_of
 
@@ -141,6 +147,9 @@ class ChatParams(TypedDict, total=False):
     response_format: Annotated[ResponseFormat, Param(_any, "JSON output: json_object, json_schema or a pydantic class")]
     tools: Annotated[Sequence[Tool], Param(_any, "tools the model may call (OpenAI shape, or typed functions)")]
     tool_choice: Annotated[ToolChoice, Param(_any, "auto | none | required | {'type': 'function', 'function': {'name'}}")]
+    think: Annotated[Union[bool, Literal["low", "medium", "high"]], Param(
+        _think, "reasoning models: think before answering (true, default) or not (false); the reasoning comes apart "
+        "from the answer, as message.reasoning_content", True)]
     extra: Annotated[Mapping[str, Any], Param(_extra, "backend-specific options (llama.cpp: top_k, min_p, grammar...)")]
 
 
@@ -165,6 +174,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    think: bool | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     max_tokens_given: bool = False
     #: What the answer must look like (a JSON schema, tool calls); see :mod:`unillm.structured`.

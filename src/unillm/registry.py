@@ -134,6 +134,9 @@ class ModelSpec(_Strict):
     min_gpu_memory_gb: float | None = Field(None, gt=0)
     #: The FIM markers of a code model whose files lack them, or to override them (see unillm.completions).
     fim: FimBlock | None = None
+    #: The model family: how its template takes tools, how it marks tool calls and reasoning
+    #: (unillm.families); ``auto`` reads it from the chat template.
+    chat_format: str = "auto"
 
     _config_file: str | None = PrivateAttr(None)
 
@@ -141,6 +144,13 @@ class ModelSpec(_Strict):
     def config_file(self) -> str | None:
         """The registry file this entry came from."""
         return self._config_file
+
+    @field_validator("chat_format")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from .families import family_check
+
+        return family_check(v)
 
     @field_validator("aliases", "fallbacks")
     @classmethod

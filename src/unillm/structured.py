@@ -310,7 +310,12 @@ class Structure:
             call = self._json(model, text, finish_reason)
             return Message("assistant", None, tool_calls=[self._call(model, call, written_arguments(text))]), "tool_calls"
         if parser is not None:
-            content, raw = parser(text)
+            try:
+                content, raw = parser(text)
+            except ValueError as exc:  # a family's reader found a call it cannot read
+                if finish_reason == "length":
+                    raise StructuredOutputError(model, "the token budget (max_tokens) ran out inside a tool call; raise max_tokens", text) from exc
+                raise StructuredOutputError(model, str(exc), text) from exc
             calls = [self._call(model, {"name": name, "arguments": args}) for name, args in raw]
         if parser is None or (not calls and TOOL_CALL_OPEN in text):  # the parser gave up on a malformed call
             content, calls = self.split_calls(model, text, finish_reason)
@@ -384,8 +389,9 @@ class Structure:
                 return "", [self._call(model, value)]
         return text, []
 
-    def streamer(self, parser: ToolCallParser | None = None) -> StreamShaper:
-        return StreamShaper(self, parser)
+    def streamer(self, parser: ToolCallParser | None = None, markers: tuple[str, ...] = (TOOL_CALL_OPEN,),
+                 leading: tuple[str, ...] = ("{",)) -> StreamShaper:
+        return StreamShaper(self, parser, markers, leading)
 
 
 class StreamShaper:
@@ -398,9 +404,13 @@ class StreamShaper:
     backend's own parser (vLLM's) come whole, at the end.
     """
 
-    def __init__(self, structure: Structure, parser: ToolCallParser | None = None) -> None:
+    def __init__(self, structure: Structure, parser: ToolCallParser | None = None,
+                 markers: tuple[str, ...] = (TOOL_CALL_OPEN,), leading: tuple[str, ...] = ("{",)) -> None:
         self.s = structure
         self.parser = parser
+        #: Text that may begin a call anywhere, and at the answer's beginning (the model family's format).
+        self.markers = markers if TOOL_CALL_OPEN in markers else (*markers, TOOL_CALL_OPEN)
+        self.leading = leading
         self.text = ""
         self.sent = 0
         #: The calls streamed so far: their id, and the arguments' text sent.
@@ -422,11 +432,15 @@ class StreamShaper:
         return out
 
     def _safe_upto(self) -> int:
-        if TOOL_CALL_OPEN in self.text:
-            return min(self.sent, self.text.index(TOOL_CALL_OPEN))
-        if self.text.lstrip().startswith("{"):
-            return self.sent  # perhaps a bare {"name", "arguments"} call: hold back until the end
-        return len(self.text) - _partial(self.text, TOOL_CALL_OPEN)
+        found = [i for m in self.markers if (i := self.text.find(m)) >= 0]
+        if found:
+            return min(self.sent, *found)
+        if self.text.lstrip().startswith(self.leading):
+            return self.sent  # perhaps a bare call ({"name", "arguments"}, a list of them): hold back until the end
+        # Spaces at the end are held too: before a call they are not content (the content of a call's message
+        # is the text outside the calls, stripped).
+        upto = len(self.text) - max(_partial(self.text, m) for m in self.markers)
+        return len(self.text[:upto].rstrip())
 
     def _regions(self) -> list[str]:
         """The text of each call generated so far (the last one perhaps incomplete)."""
@@ -464,7 +478,7 @@ class StreamShaper:
         msg, finish = self.s.finish(model, self.text, finish_reason, self.parser, self.given or None)
         if not msg.tool_calls:
             return self.text[self.sent :], None, finish
-        rest = (msg.content or "")[self.sent :] if self.s.mode == "auto" else ""
+        rest = (msg.content or "")[len(self.text[: self.sent].lstrip()) :] if self.s.mode == "auto" else ""
         deltas = []
         for i, tc in enumerate(msg.tool_calls):
             if i >= len(self.calls):
@@ -606,6 +620,8 @@ def template_dicts(messages: Sequence[Message], tools: Sequence[Mapping[str, Any
                 d["tool_call_id"] = m.tool_call_id
             if m.name is not None:
                 d["name"] = m.name
+            if m.reasoning_content:  # the template decides whether earlier reasoning stays (Qwen3 keeps the latest)
+                d["reasoning_content"] = m.reasoning_content
             out.append(d)
         elif m.role == "tool":
             out.append({"role": "user", "content": f"<tool_response>\n{m.content or ''}\n</tool_response>"})

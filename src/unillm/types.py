@@ -61,10 +61,15 @@ class Message:
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     parsed: Any = None
+    #: A reasoning model's reasoning before its answer (the ``<think>`` block), kept out of ``content``.
+    reasoning_content: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The OpenAI message shape (what a client sends back in the next turn)."""
+        """The OpenAI message shape (what a client sends back in the next turn), with the reasoning as
+        ``reasoning_content`` (DeepSeek's and llama.cpp's name) and ``reasoning`` (vLLM's and OpenRouter's)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = out["reasoning"] = self.reasoning_content
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls:
@@ -188,12 +193,16 @@ class Delta:
     content: str | None = ""
     #: Tool calls in OpenAI's delta shape: ``[{"index", "id", "type", "function": {"name", "arguments"}}]``.
     tool_calls: list[dict[str, Any]] | None = None
+    #: Reasoning text this chunk adds (see :attr:`Message.reasoning_content`).
+    reasoning_content: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.role is not None:
             out["role"] = self.role
-        if self.content is not None or not self.tool_calls:
+        if self.reasoning_content:
+            out["reasoning_content"] = out["reasoning"] = self.reasoning_content
+        if self.content is not None or not (self.tool_calls or self.reasoning_content):
             out["content"] = self.content
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls

@@ -21,10 +21,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..completions import FimTokens, Prompt, TokenizerVocab, family_tokens, fim_tokens, prompt_ids, tokens_of
 from ..errors import ModelUnloadedError, UnillmError, UnsupportedFeatureError
+from ..families import Family, call_id, family_of, template_kwargs
 from ..params import SamplingParams
 from ..registry import ModelSpec
 from ..structured import Structure, ToolCallParser, template_dicts
@@ -76,6 +77,8 @@ class Generation:
     tool_calls: list[tuple[str, Any]] | None = None
     #: The stop string that ended it (None: the end token, the limit, or a backend that does not say).
     stop_sequence: str | None = None
+    #: Reasoning the backend's library has already split from ``text`` (Ollama's daemon does).
+    reasoning: str | None = None
 
 
 @dataclass(slots=True)
@@ -92,6 +95,8 @@ class Piece:
     tool_calls: list[tuple[str, Any]] | None = None
     #: On the last piece: the stop string that ended the answer, if one did.
     stop_sequence: str | None = None
+    #: Reasoning the backend's library has already split from ``text``.
+    reasoning: str | None = None
 
 
 class Backend(ABC):
@@ -172,15 +177,44 @@ class Backend(ABC):
         """How many requests ``Engine.batch`` keeps in flight on this model (None: all at once)."""
         return None
 
+    def family(self) -> Family:
+        """The loaded model's family (:mod:`unillm.families`): the registry's ``chat_format``, else the one
+        its chat template shows."""
+        return family_of(self.spec.chat_format, self.chat_template())
+
+    def chat_template(self) -> str | None:
+        """The chat template this backend renders (None: none here, or not known in this process)."""
+        return None
+
+    #: The backend's library splits reasoning itself and takes ``think`` as it is (Ollama's daemon).
+    own_reasoning: bool = False
+    #: Its grammar can let the model reason before a JSON answer (llama.cpp's GBNF); elsewhere a JSON answer
+    #: or a required call turns a reasoning model's thinking off.
+    reasons_before_json: ClassVar[bool] = False
+
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model (device, offload, KV cache...) for ``unillm models``."""
         return {}
 
 
-def chat_inputs(request: Request, template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """The request's messages (and tools, when the template renders them) for a chat template."""
+def chat_inputs(request: Request, template: str | None, family: Family | None = None
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The request's messages (and tools, when the template renders them) for a chat template, with tool-call
+    ids in the form the family's template accepts."""
     structure: Structure | None = request.params.structure
-    return template_dicts(request.messages, structure.tools if structure is not None else (), template)
+    msgs, tools = template_dicts(request.messages, structure.tools if structure is not None else (), template)
+    if family is not None and family.call_ids != "any":
+        for m in msgs:
+            for c in m.get("tool_calls") or ():
+                c["id"] = call_id(family, c["id"])
+            if "tool_call_id" in m:
+                m["tool_call_id"] = call_id(family, m["tool_call_id"])
+    return msgs, tools
+
+
+def think_inputs(request: Request, family: Family, template: str | None) -> tuple[dict[str, Any], str]:
+    """(chat-template variables, text after the generation prompt) for the request's ``think``."""
+    return template_kwargs(family, request.params.think, template)
 
 
 def request_schema(request: Request) -> dict[str, Any] | None:
@@ -328,9 +362,18 @@ class TokenizerText:
     spec: ModelSpec
     _text_cache: tuple[Any, TokenizerVocab, FimTokens | None] | None = None
 
+    if TYPE_CHECKING:
+        def family(self) -> Family: ...
+
     def _tokenizer(self) -> Any:
         """The loaded tokenizer (ModelUnloadedError when there is none)."""
         raise NotImplementedError
+
+    def chat_template(self) -> str | None:
+        try:
+            return self._tokenizer().chat_template  # type: ignore[no-any-return]
+        except ModelUnloadedError:
+            return None
 
     def _vocab(self) -> tuple[TokenizerVocab, FimTokens | None]:
         """The tokenizer as prompts are built with it, and its own FIM tokens: looked up once per loaded
@@ -347,12 +390,15 @@ class TokenizerText:
         if not tokenizer.chat_template:
             raise UnsupportedFeatureError(self.name, f"chat with model {self.spec.name!r}: its tokenizer has no chat "
                                                      "template (a base model: use Engine.complete)")
-        msgs, tools = chat_inputs(request, tokenizer.chat_template)
+        family = self.family()
+        msgs, tools = chat_inputs(request, tokenizer.chat_template, family)
+        kwargs, after = think_inputs(request, family, tokenizer.chat_template)
         with bounded(self.spec.name):
-            if not tokenize:
-                return str(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False))
-            return list(tokenizer.apply_chat_template(
-                msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+            text = str(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs)) + after
+        if not tokenize:
+            return text
+        # The rendered text holds the BOS and control tokens as text (as transformers tokenizes its own render).
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _prompt(self, request: Request) -> tuple[list[int], list[str], frozenset[int]]:
         """The request's prompt ids, and the stop strings and tokens that a FIM format adds."""

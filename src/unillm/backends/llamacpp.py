@@ -43,6 +43,7 @@ from ..errors import (
     ModelLoadError,
     ModelUnloadedError,
 )
+from ..families import Family, reasoning_grammar, thinking
 from ..completions import FimTokens, check_ids, family_tokens, fim_tokens, prompt_ids, tokens_of
 from ..params import fit_max_tokens
 from ..registry import resolve_file
@@ -60,6 +61,7 @@ from .base import (
     Request,
     ThreadedBackend,
     chat_inputs,
+    think_inputs,
     request_schema,
 )
 
@@ -393,6 +395,7 @@ def _guarded(proc: Callable[[Any, Any], Any], failures: list[BaseException]) -> 
 class LlamaCppBackend(ThreadedBackend):
     name = "llamacpp"
     capabilities = Capabilities(streaming=True, json_schema=True, tools=True, embeddings=True, logprobs=True)
+    reasons_before_json = True
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
@@ -400,6 +403,7 @@ class LlamaCppBackend(ThreadedBackend):
         self._llm: Any = None
         self._formatter: Any = None
         self._template: str | None = None
+        self._family: tuple[str | None, Family] | None = None
         self._vocab: GGUFVocab | None = None
         self._native_fim: FimTokens | None = None
         self._info: dict[str, Any] = {}
@@ -565,7 +569,10 @@ class LlamaCppBackend(ThreadedBackend):
             if kw["grammar"] is not None:
                 raise InvalidRequestError("extra grammar and a JSON schema (response_format or a required tool call) "
                                           "both constrain the answer: give one")
-            kw["grammar"], what = schema_grammar(schema), "the grammar built from the JSON schema"
+            gbnf, what = schema_grammar(schema), "the grammar built from the JSON schema"
+            if thinking(self.family(), p.think):  # the model reasons first, as its template expects
+                gbnf = reasoning_grammar(self.family(), gbnf)
+            kw["grammar"] = gbnf
         kw["grammar_text"] = None
         if kw["grammar"] is not None:
             grammar = kw["grammar"]
@@ -593,9 +600,21 @@ class LlamaCppBackend(ThreadedBackend):
         if self._formatter is None:
             raise UnsupportedFeatureError(self.name, f"chat with model {self.spec.name!r}: its GGUF has no chat template "
                                           "(a base model: use Engine.complete, or set options.chat_template)")
-        messages, tools = chat_inputs(request, self._template)
+        family = self.family()
+        messages, tools = chat_inputs(request, self._template, family)
+        kwargs, after = think_inputs(request, family, self._template)
         with bounded(self.spec.name):
-            return self._formatter(messages=messages, tools=tools)
+            fmt = self._formatter(messages=messages, tools=tools, **kwargs)
+        fmt.prompt += after
+        return fmt
+
+    def chat_template(self) -> str | None:
+        return self._template
+
+    def family(self) -> Family:
+        if self._family is None or self._family[0] is not self._template:
+            self._family = (self._template, super().family())
+        return self._family[1]
 
     def _chat_tokens(self, llm: Any, request: Request) -> tuple[list[int], list[str]]:
         """The chat prompt's tokens and the template's stop strings."""

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import ollama_store
 from ..completions import FimTokens
+from ..families import Family
 from ..errors import (
     UnsupportedFeatureError,
     BackendNotInstalledError,
@@ -86,6 +87,7 @@ class OllamaBackend(Backend):
             raise
         self.client = client
         self.served_from = self.host
+        self.own_reasoning = True  # the daemon splits the reasoning (message.thinking) and takes think
 
     def _store_root(self) -> Path:
         return Path(self.options.store).expanduser() if self.options.store else ollama_store.store_root()
@@ -109,6 +111,9 @@ class OllamaBackend(Backend):
         await local.load()
         self.stored, self.local = stored, local
         self.served_from = f"the Ollama store ({stored.gguf}), in-process"
+
+    def family(self) -> Family:
+        return self.local.family() if self.local is not None else super().family()
 
     def sampling_defaults(self) -> dict[str, Any]:
         return ollama_store.sampling_defaults(self.stored.params) if self.stored else {}
@@ -195,7 +200,7 @@ class OllamaBackend(Backend):
         else:
             messages = ollama_messages(request.messages)
         return {
-            "model": self.tag, "messages": messages, "tools": tools,
+            "model": self.tag, "messages": messages, "tools": tools, "think": p.think,
             "options": options, "format": fmt, "keep_alive": self.options.keep_alive, "stream": stream,
         }
 
@@ -219,6 +224,7 @@ class OllamaBackend(Backend):
         call = self._call(request, stream)
         if call["tools"] or call["format"] is not None:
             raise InvalidRequestError("tools and JSON output do not apply to a completion")
+        call.pop("think")
         return {"model": self.tag, "prompt": prompt.text, "suffix": prompt.suffix, "raw": prompt.suffix is None,
                 "options": call["options"], "keep_alive": call["keep_alive"], "stream": stream}
 
@@ -268,15 +274,15 @@ class OllamaBackend(Backend):
             chunks = await self._api(request, stream=True)
             try:
                 async for c in chunks:
-                    text, calls = _text(c), _calls(c)
-                    if (text or calls) and first_at is None:
+                    text, calls, thought = _text(c), _calls(c), _thinking(c)
+                    if (text or calls or thought) and first_at is None:
                         first_at = time.perf_counter()
                     if c.done:
                         g = _generation(c, first_at, request)
-                        yield Piece(text, g.finish_reason, g.usage, g.ttft_s, g.decode_tokens_per_s, tool_calls=calls)
+                        yield Piece(text, g.finish_reason, g.usage, g.ttft_s, g.decode_tokens_per_s, tool_calls=calls, reasoning=thought)
                         return
-                    if text or calls:
-                        yield Piece(text, tool_calls=calls)
+                    if text or calls or thought:
+                        yield Piece(text, tool_calls=calls, reasoning=thought)
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]  # closes the HTTP stream: Ollama stops
         raise GenerationError(self.spec.name, f"Ollama at {self.host} ended the stream without a final message")
@@ -290,7 +296,12 @@ def _generation(r: Any, first_at: float | None, request: Request) -> Generation:
     )
     rate = n / (r.eval_duration / 1e9) if r.eval_duration else decode_rate(n, first_at, time.perf_counter())
     finish = "length" if r.done_reason == "length" else "stop"
-    return Generation(_text(r), finish, Usage(r.prompt_eval_count or 0, n), ttft, rate, tool_calls=_calls(r))
+    return Generation(_text(r), finish, Usage(r.prompt_eval_count or 0, n), ttft, rate, tool_calls=_calls(r), reasoning=_thinking(r))
+
+
+def _thinking(r: Any) -> str | None:
+    """The reasoning the daemon split from a thinking model's answer (``message.thinking``)."""
+    return getattr(getattr(r, "message", None), "thinking", None) or None
 
 
 def _text(r: Any) -> str:
@@ -312,6 +323,8 @@ def ollama_messages(messages: list[Message]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:
         d: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        if m.reasoning_content:
+            d["thinking"] = m.reasoning_content
         if m.tool_calls:
             d["tool_calls"] = [{"function": {"name": c.function.name, "arguments": loads_arguments(c.function.arguments)}}
                                for c in m.tool_calls]

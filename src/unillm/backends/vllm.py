@@ -294,12 +294,21 @@ class VLLMBackend(TokenizerText, Backend):
         return None
 
     def tool_call_parser(self, structure: Structure) -> ToolCallParser | None:
-        """vLLM's own tool parser (``options.tool_parser``, default hermes: Qwen2.5 and the Hermes format
-        unillm asks for from templates without tools), run in this process."""
+        """vLLM's own tool parser, run in this process: ``options.tool_parser``, else the model family's
+        (hermes for Qwen2.5 and for the Hermes format unillm asks for from templates without tools). A family
+        parser that cannot work with this tokenizer (DeepSeek's and Mistral's look up their marker tokens)
+        leaves the family's own reader to unillm."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
 
-        parser = ToolParserManager.get_tool_parser(self.options.tool_parser)(self.tokenizer)
+        family = self.family()
+        name = self.options.tool_parser or (family.vllm_tool_parser if family.name != "plain" else "hermes")
+        try:
+            parser = ToolParserManager.get_tool_parser(name)(self.tokenizer)
+        except Exception:  # noqa: BLE001 - a parser's own check of the vocabulary
+            if self.options.tool_parser:
+                raise
+            return None
         req = ChatCompletionRequest(model=self.spec.name, messages=[], tools=list(structure.tools))
 
         def parse(text: str) -> tuple[str, list[tuple[str, Any]]]:

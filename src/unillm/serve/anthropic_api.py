@@ -79,7 +79,8 @@ def _texts(where: str, content: Any) -> str:
 def chat_messages(system: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chat messages of Anthropic's ``system`` and ``messages``: ``tool_use`` blocks become an assistant
     message's tool calls, each ``tool_result`` a tool message (``is_error`` marks its text ``Error:``), and
-    earlier turns' ``thinking`` blocks are dropped (as chat templates drop earlier reasoning)."""
+    earlier turns' ``thinking`` blocks their ``reasoning_content`` (the chat template decides what it keeps;
+    ``redacted_thinking`` has no text to keep)."""
     out: list[dict[str, Any]] = [{"role": "system", "content": _texts("system", system)}] if system else []
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
@@ -92,6 +93,7 @@ def chat_messages(system: Any, messages: list[dict[str, Any]]) -> list[dict[str,
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list of content blocks")
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
+        thoughts: list[str] = []
         for k, block in enumerate(content):
             where = f"messages[{i}].content[{k}]"
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
@@ -111,12 +113,16 @@ def chat_messages(system: Any, messages: list[dict[str, Any]]) -> list[dict[str,
                 text = _texts(f"{where}.content", block.get("content") or "")
                 out.append({"role": "tool", "tool_call_id": block["tool_use_id"],
                             "content": f"Error: {text}" if block.get("is_error") else text})
-            elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            elif kind == "thinking" and role == "assistant":
+                if isinstance(block.get("thinking"), str) and block["thinking"]:
+                    thoughts.append(block["thinking"])
+            elif kind == "redacted_thinking" and role == "assistant":
                 continue
             else:
                 raise _refused(where, kind)
         if texts or calls:
-            out.append({"role": role, "content": "\n".join(texts) if texts else None, **({"tool_calls": calls} if calls else {})})
+            out.append({"role": role, "content": "\n".join(texts) if texts else None, **({"tool_calls": calls} if calls else {}),
+                        **({"reasoning_content": "\n".join(thoughts)} if thoughts else {})})
     return out
 
 
@@ -153,19 +159,21 @@ def _tool_choice(choice: Any) -> tuple[Any, bool]:
     raise InvalidRequestError(f"tool_choice must be auto, any, tool (with a name) or none, got {choice!r}")
 
 
-def _no_thinking(body: dict[str, Any]) -> None:
-    """``thinking`` off, or ``adaptive`` (the model decides, and unillm's models do not think); Claude Code's
-    ``clear_thinking`` context edit (earlier thinking is never in unillm's prompts)."""
+def _thinking(body: dict[str, Any]) -> bool | None:
+    """The ``think`` of ``thinking``: ``disabled`` is false, ``adaptive`` the model's own way (a reasoning
+    model thinks); ``enabled`` is refused, as no backend can hold reasoning to its ``budget_tokens``. Claude
+    Code's ``clear_thinking`` context edits are accepted (chat templates drop earlier reasoning themselves)."""
     thinking = body.get("thinking")
     if thinking is not None and (not isinstance(thinking, dict) or thinking.get("type") not in ("disabled", "adaptive")):
-        raise InvalidRequestError(f"thinking {thinking!r}: model {body.get('model')!r} has no reasoning setting in unillm "
-                                  "(only {'type': 'disabled'} or 'adaptive')")
+        raise InvalidRequestError(f"thinking {thinking!r}: unillm cannot hold a model's reasoning to budget_tokens "
+                                  "(use {'type': 'adaptive'}: a reasoning model thinks, or 'disabled')")
     edits = (body.get("context_management") or {}).get("edits") or []
     other = [e.get("type") if isinstance(e, dict) else e for e in edits
              if not (isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking_"))]
     if other or set(body.get("context_management") or {}) - {"edits"}:
         raise InvalidRequestError(f"context_management {other or body['context_management']}: unillm never edits the "
-                                  "context it is sent (only clear_thinking, as earlier thinking is dropped anyway)")
+                                  "context it is sent (only clear_thinking, as chat templates drop earlier thinking)")
+    return False if thinking is not None and thinking.get("type") == "disabled" else None
 
 
 def _output(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -192,8 +200,10 @@ def messages_call(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dict
     unknown = set(body) - OWN - set(SAME)
     if unknown:
         raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
-    _no_thinking(body)
+    think = _thinking(body)
     params: dict[str, Any] = {k: body[k] for k in SAME if body.get(k) is not None}
+    if think is not None:
+        params["think"] = think
     fmt = _output(body)
     if fmt is not None:
         params["response_format"] = fmt
@@ -234,7 +244,9 @@ def stop_of(finish: str | None, stop: str | None, asked: list[str]) -> tuple[str
 def message_of(r: ChatCompletion, single: bool, asked: list[str]) -> dict[str, Any]:
     """A chat completion as Anthropic's message."""
     choice = r.choices[0]
-    content: list[dict[str, Any]] = [{"type": "text", "text": choice.message.content}] if choice.message.content else []
+    content: list[dict[str, Any]] = [thinking_block(choice.message.reasoning_content)] if choice.message.reasoning_content else []
+    if choice.message.content:
+        content.append({"type": "text", "text": choice.message.content})
     calls = choice.message.tool_calls or []
     for tc in calls[:1] if single else calls:
         content.append({"type": "tool_use", "id": tc.id, "name": tc.function.name, "input": json.loads(tc.function.arguments or "{}")})
@@ -260,6 +272,7 @@ class Events:
         self.live: int | None = None  # the call whose block streams
         self.held: dict[int, list[str]] = {}  # later calls: id, name, arguments
         self.tail = ""  # text after the first call
+        self.thinking: int | None = None  # the index of the thinking block
 
     def _start(self, block: dict[str, Any]) -> list[dict[str, Any]]:
         out = self._stop()
@@ -273,7 +286,7 @@ class Events:
         return [{"type": "content_block_stop", "index": at}]
 
     def _text(self, text: str) -> list[dict[str, Any]]:
-        start = self._start({"type": "text", "text": ""}) if self.open is None else []
+        start = self._start({"type": "text", "text": ""}) if self.open is None or self.open == self.thinking else []
         return start + [{"type": "content_block_delta", "index": self.open, "delta": {"type": "text_delta", "text": text}}]
 
     def _args(self, args: str) -> dict[str, Any]:
@@ -287,6 +300,12 @@ class Events:
                 "id": f"msg_{chunk.id.split('-')[-1]}", "type": "message", "role": "assistant", "model": self.model,
                 "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage_of(None)}})
         choice = chunk.choices[0]
+        if choice.delta.reasoning_content:  # reasoning comes first, in a block of its own
+            if self.thinking is None:
+                out += self._start(thinking_block(""))
+                self.thinking = self.open
+            out.append({"type": "content_block_delta", "index": self.open,
+                        "delta": {"type": "thinking_delta", "thinking": choice.delta.reasoning_content}})
         if choice.delta.content:
             if self.live is None:
                 out += self._text(choice.delta.content)
@@ -317,6 +336,11 @@ class Events:
             out += [{"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq}, "usage": usage_of(chunk.usage)},
                     {"type": "message_stop"}]
         return out
+
+
+def thinking_block(text: str) -> dict[str, Any]:
+    """A thinking block: the model's reasoning in the clear. Its ``signature`` is empty: nothing here signs it."""
+    return {"type": "thinking", "thinking": text, "signature": ""}
 
 
 def error_events(exc: UnillmError) -> list[dict[str, Any]]:
@@ -351,7 +375,7 @@ def routes(server: Server) -> list[Route]:
             unknown = set(body) - COUNT_FIELDS
             if unknown:
                 raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
-            _no_thinking(body)
+            _thinking(body)
             server.check_not_self(req.model)
             tools = _tools(body["tools"]) if body.get("tools") else None
             n = await engine.acount_tokens(req.model, chat_messages(req.system, req.messages), tools=tools)

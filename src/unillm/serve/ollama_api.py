@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 OLLAMA_OPTIONS = {p.ollama: name for name, p in PARAMS.items() if p.ollama}
 #: Ollama features unillm does not implement: accepted only at their neutral value. (``template`` is a Go
 #: template of Ollama's; unillm renders the model's own chat template, or with ``raw`` none.)
-UNSUPPORTED = ("images", "template", "context", "think")
+UNSUPPORTED = ("images", "template", "context")
 #: Ollama options that change how fast or where a model runs, never its answer: unillm takes them from the
 #: registry entry (options.n_threads, n_gpu_layers...), so a request's values are accepted and not applied.
 SPEED_ONLY = ("num_thread", "num_gpu", "main_gpu", "num_batch", "num_keep", "use_mmap", "use_mlock", "numa", "low_vram")
@@ -97,6 +97,8 @@ def ollama_params(body: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequestError(f"format must be \"json\" or a JSON schema object, got {fmt!r}")
     if body.get("tools"):
         params["tools"] = body["tools"]
+    if body.get("think") is not None:
+        params["think"] = body["think"]
     if opts:
         params["extra"] = opts
     return params
@@ -110,6 +112,8 @@ def _calls(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
 def ollama_message(message: Message) -> dict[str, Any]:
     """An assistant message in Ollama's shape."""
     out: dict[str, Any] = {"role": "assistant", "content": message.content or ""}
+    if message.reasoning_content:
+        out["thinking"] = message.reasoning_content
     if message.tool_calls:
         out["tool_calls"] = _calls([(c.function.name, c.function.arguments) for c in message.tool_calls])
     return out
@@ -125,6 +129,8 @@ def ollama_final(r: ChatCompletion | ChatCompletionChunk | Completion, key: str,
         out[key] = ollama_message(message) if message is not None else {"role": "assistant", "content": content}
     else:
         out[key] = content
+        if message is not None and message.reasoning_content:
+            out["thinking"] = message.reasoning_content  # /api/generate's place for it
     if t is not None:
         out.update(total_duration=ns(t.total_s + t.load_s), load_duration=ns(t.load_s),
                    prompt_eval_duration=ns(t.ttft_s), eval_duration=ns((t.total_s or 0) - (t.ttft_s or 0)))
@@ -243,6 +249,11 @@ def routes(server: Server) -> list[Route]:
                             "role": "assistant", "content": "",
                             "tool_calls": _calls([(n, a) for _, (n, a) in sorted(calls.items())])}}
                         calls = {}
+                    thought = c.choices[0].delta.reasoning_content
+                    if thought:
+                        yield {"model": c.model, "created_at": now(), "done": False, **(
+                            {"message": {"role": "assistant", "content": "", "thinking": thought}} if key == "message"
+                            else {"response": "", "thinking": thought})}
                     if c.finish_reason is not None:
                         yield ollama_final(c, key, c.text)
                     elif c.text:

@@ -58,13 +58,18 @@ class OpenAIBody(BaseModel):
 
 def openai_params(body: dict[str, Any]) -> dict[str, Any]:
     """The chat parameters of an OpenAI request; a field unillm would not honour is a 400 naming it."""
-    unknown = set(body) - set(OPENAI_PARAMS) - set(NEUTRAL) - IGNORED
+    unknown = set(body) - set(OPENAI_PARAMS) - set(NEUTRAL) - IGNORED - {"reasoning_effort"}
     if unknown:
         raise InvalidRequestError(f"unsupported field(s) {sorted(unknown)}")
     for name, neutral in NEUTRAL.items():
         if body.get(name) not in (None, neutral):
             raise InvalidRequestError(f"{name}={body[name]!r} is not supported by unillm (only {neutral!r})")
     params = {k: body[k] for k in OPENAI_PARAMS if body.get(k) is not None}
+    effort = body.get("reasoning_effort")
+    if effort is not None:  # OpenAI's reasoning switch: none (and minimal) is think=false, levels are levels
+        if "think" in body:
+            raise InvalidRequestError("reasoning_effort and think both set the reasoning: give one")
+        params["think"] = False if effort in ("none", "minimal") else effort
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
         params["max_tokens"] = mt

@@ -75,8 +75,9 @@ def _text_of(where: str, content: Any, kinds: tuple[str, ...]) -> str:
 
 def input_messages(items: Any) -> list[dict[str, Any]]:
     """The chat messages of a Responses ``input``: a string, or message, ``function_call`` and
-    ``function_call_output`` items (``reasoning`` items of earlier turns are dropped, as chat templates drop
-    earlier reasoning). An assistant message and the calls after it are one assistant message."""
+    ``function_call_output`` items; a ``reasoning`` item is the ``reasoning_content`` of the assistant turn
+    after it (its chat template decides what it keeps). An assistant message and the calls after it are one
+    assistant message."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     out: list[dict[str, Any]] = []
@@ -89,7 +90,11 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
                 raise InvalidRequestError(f"{where}.role must be user, system, developer or assistant, got {role!r}")
             parts = ("output_text", "refusal", "input_text") if role == "assistant" else ("input_text", "text", "output_text")
             text = _text_of(where, item.get("content"), parts)
-            out.append({"role": "system" if role == "developer" else role, "content": text})
+            last = out[-1] if out else None
+            if role == "assistant" and last is not None and _reasoning_only(last):
+                last["content"] = text
+            else:
+                out.append({"role": "system" if role == "developer" else role, "content": text})
         elif kind == "function_call":
             if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
                 raise InvalidRequestError(f"{where}: a function_call item needs name and call_id")
@@ -105,12 +110,19 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
                 raise InvalidRequestError(f"{where}: a function_call_output item needs call_id")
             output = text_parts(f"{where}.output", item.get("output"), ("input_text", "output_text"))
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
-        elif kind == "reasoning":
-            continue
+        elif kind == "reasoning":  # the reasoning of the assistant turn that follows: its template decides
+            text = "\n".join(p["text"] for p in item.get("content") or [] if isinstance(p, dict) and isinstance(p.get("text"), str))
+            if text:
+                out.append({"role": "assistant", "content": None, "reasoning_content": text})
         else:
             raise InvalidRequestError(f"{where} is a {kind!r} item: unillm takes message, function_call, "
                                           "function_call_output and reasoning items")
-    return out
+    return [m for m in out if not _reasoning_only(m)]
+
+
+def _reasoning_only(m: dict[str, Any]) -> bool:
+    """A reasoning item's turn that no message or call has joined yet."""
+    return m["role"] == "assistant" and m["content"] is None and not m.get("tool_calls")
 
 
 def _tools(tools: Any, where: str = "tools", namespace: str | None = None) -> list[dict[str, Any]]:
@@ -183,10 +195,11 @@ def responses_call(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dic
                                       "an input over the window is an error naming both)")
     if body.get("max_tool_calls") is not None:
         raise InvalidRequestError("max_tool_calls limits hosted tools, which unillm does not run")
-    # A summary of reasoning (Codex asks for one) is of none: unillm's models do not reason here.
-    reasoning = {k: v for k, v in (req.reasoning or {}).items() if v is not None and k != "summary"}
-    if reasoning:
-        raise InvalidRequestError(f"reasoning {reasoning}: model {req.model!r} has no reasoning setting in unillm")
+    # reasoning.effort: none (and minimal) is think=false, a level is that level; a summary (Codex asks for one)
+    # is not made: the reasoning item holds the reasoning's own text.
+    reasoning = {k: v for k, v in (req.reasoning or {}).items() if v is not None and k not in ("summary", "generate_summary")}
+    if set(reasoning) - {"effort"}:
+        raise InvalidRequestError(f"reasoning {reasoning}: unillm takes reasoning.effort (and summary) only")
     include = set(req.include or [])
     if include - INCLUDE_NOTHING - {INCLUDE_LOGPROBS}:
         raise InvalidRequestError(f"include {sorted(include - INCLUDE_NOTHING - {INCLUDE_LOGPROBS})}: unillm can "
@@ -194,6 +207,8 @@ def responses_call(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dic
     params: dict[str, Any] = {k: body[k] for k in SAME if body.get(k) is not None}
     if body.get("max_output_tokens") is not None:
         params["max_tokens"] = body["max_output_tokens"]
+    if "effort" in reasoning:
+        params["think"] = False if reasoning["effort"] in ("none", "minimal") else reasoning["effort"]
     if body.get("tools"):
         params["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
@@ -250,6 +265,12 @@ class Answer:
             part["logprobs"] = logprobs or []
         return {"type": "message", "id": new_id("msg"), "status": status, "role": "assistant", "content": [part]}
 
+    @staticmethod
+    def reasoning_item(text: str, status: str = "completed") -> dict[str, Any]:
+        """The model's reasoning in the clear (``reasoning_text``; no summary is made, nothing is encrypted)."""
+        return {"type": "reasoning", "id": new_id("rs"), "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
+
     def call_item(self, call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
         name, namespace = split_name(name, self.namespaces)
         item = {"type": "function_call", "id": new_id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
@@ -261,6 +282,8 @@ class Answer:
         choice = r.choices[0]
         status = self.status_of(choice.finish_reason)
         output = []
+        if choice.message.reasoning_content:
+            output.append(self.reasoning_item(choice.message.reasoning_content))
         if choice.message.content:
             output.append(self.message_item(choice.message.content, status, (choice.logprobs or {}).get("content")))
         calls = choice.message.tool_calls or []
@@ -279,6 +302,7 @@ class Events:
         self.seq = 0
         self.items: list[dict[str, Any]] = []
         self.text_at: int | None = None  # the output index of the message item
+        self.reasoning_at: int | None = None  # the output index of the reasoning item
         self.calls: dict[int, int] = {}  # a call's index in the chunks -> its output index
         self.logprobs: list[dict[str, Any]] = []
 
@@ -297,6 +321,14 @@ class Events:
             start = self.a.response("in_progress", [])
             out += [self.event("response.created", response=start), self.event("response.in_progress", response=start)]
         choice = chunk.choices[0]
+        if choice.delta.reasoning_content:
+            if self.reasoning_at is None:
+                self.reasoning_at, added = self.add(self.a.reasoning_item("", "in_progress"))
+                out.append(added)
+            item = self.items[self.reasoning_at]
+            item["content"][0]["text"] += choice.delta.reasoning_content
+            out.append(self.event("response.reasoning_text.delta", item_id=item["id"], output_index=self.reasoning_at,
+                                  content_index=0, delta=choice.delta.reasoning_content))
         text = choice.delta.content
         lp = (choice.logprobs or {}).get("content") or []
         if text or lp:
@@ -334,7 +366,10 @@ class Events:
         out = []
         for at, item in enumerate(self.items):
             item["status"] = status if item["type"] == "message" else "completed"
-            if item["type"] == "message":
+            if item["type"] == "reasoning":
+                out.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=at, content_index=0,
+                                      text=item["content"][0]["text"]))
+            elif item["type"] == "message":
                 part = item["content"][0]
                 if self.a.logprobs:
                     part["logprobs"] = self.logprobs
@@ -360,7 +395,7 @@ class Events:
 
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chat messages that a response's output items are, for the next turn."""
-    return input_messages([item for item in output if item["type"] in ("message", "function_call")])
+    return input_messages([item for item in output if item["type"] in ("reasoning", "message", "function_call")])
 
 
 def routes(server: Server) -> list[Route]:
