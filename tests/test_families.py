@@ -341,3 +341,21 @@ def test_a_registry_chat_format_is_checked(tmp_path):
     bad.write_text("models:\n  - {name: m, backend: talker, source: {path: /x}, context_window: 8, chat_format: llama3}\n")
     with pytest.raises(ConfigError, match="chat_format 'llama3' is not one of auto, qwen2.5, llama3.1"):
         Engine(bad, builtin=False)
+
+
+def test_the_ollama_backend_takes_the_daemons_thinking(fam_server, fam_engine, tmp_path):
+    """An Ollama daemon splits the reasoning itself (message.thinking) and takes think as it is: here the daemon
+    is `unillm serve` with SmolLM2 in Qwen3's format."""
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  - {name: remote, backend: ollama, source: {ollama: smollm2-think}, context_window: 2048,\n"
+                    f"     options: {{host: '{fam_server}', local_store: never}}}}\n")
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+    j = fam_engine.chat("smollm2-think", "Where is the Eiffel Tower?", temperature=0, max_tokens=200, response_format=fmt)
+    with Engine(path, builtin=False) as eng:
+        r = eng.chat("remote", "Where is the Eiffel Tower?", temperature=0, max_tokens=200, response_format=fmt)
+        assert (r.choices[0].message.reasoning_content, r.text) == (j.choices[0].message.reasoning_content, j.text)
+        chunks = list(eng.chat("remote", "Where is the Eiffel Tower?", temperature=0, max_tokens=200, response_format=fmt,
+                               stream=True))
+        assert "".join(c.choices[0].delta.reasoning_content or "" for c in chunks) == j.choices[0].message.reasoning_content
+        with pytest.raises(Exception, match="no reasoning levels"):  # the daemon's answer, passed on
+            eng.chat("remote", "hi", think="high")

@@ -108,6 +108,13 @@ def test_the_code_completion_block():
     assert int(prompt_tokens) > 10 and int(count) > 3 and eval(ids) == [19556, 905]
 
 
+def test_the_reasoning_block():
+    out = run([sys.executable, "-c", REPL], stdin=OPEN_ENGINE + blocks("python")[4] + "\nengine.close()\n", cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    reasoning, answer = (eval(line) for line in out.stdout.splitlines())
+    assert reasoning and answer and "think>" not in reasoning + answer
+
+
 @pytest.mark.unit
 def test_the_registry_example_is_a_valid_registry_file(tmp_path):
     from unillm.registry import parse_file

@@ -60,6 +60,8 @@ def result_record(rid: str, model: str, res: BatchResult) -> dict[str, Any]:
         msg = r.choices[0].message
         if len(r.choices) > 1:  # n > 1: every answer
             out["answers"] = [c.message.content for c in r.choices]
+        if msg.reasoning_content:
+            out["reasoning"] = msg.reasoning_content
         if msg.parsed is not None:
             out["parsed"] = msg.parsed.model_dump(mode="json") if hasattr(msg.parsed, "model_dump") else msg.parsed
         if msg.tool_calls:
