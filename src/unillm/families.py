@@ -33,12 +33,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import InvalidRequestError
-from .structured import TOOL_CALL_OPEN, ToolCallParser
+from .structured import TOOL_CALL_OPEN, ToolCallParser, partial_tag
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 #: ``think`` levels, as Ollama's ``think`` and OpenAI's ``reasoning_effort`` name them.
@@ -138,9 +137,8 @@ class Family:
     prompt_opens: bool = False
     #: Tool-call ids its template accepts: any, or 9 letters and digits (Mistral's templates raise otherwise).
     call_ids: Literal["any", "alnum9"] = "any"
-    #: vLLM's tool parser and reasoning parser for it.
+    #: vLLM's tool parser for it (reasoning on vLLM is split by :class:`Reasoning`, as everywhere).
     vllm_tool_parser: str = "hermes"
-    vllm_reasoning_parser: str | None = None
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -148,9 +146,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama3.1", "Llama 3.1, 3.2, 3.3", read_llama3, ("<|python_tag|>",), ("{",), vllm_tool_parser="llama3_json"),
     Family("mistral", "Mistral 7B v0.3, Mistral-Nemo, Mistral Small", read_mistral, ("[TOOL_CALLS]",), ("[",),
            call_ids="alnum9", vllm_tool_parser="mistral"),
-    Family("qwen3", "Qwen3, QwQ", thinks=True, vllm_reasoning_parser="qwen3"),
+    Family("qwen3", "Qwen3, QwQ", thinks=True),
     Family("deepseek-r1", "DeepSeek-R1 and its Qwen and Llama distills", read_deepseek, (_DEEPSEEK_OPEN, TOOL_CALL_OPEN),
-           thinks=True, prompt_opens=True, vllm_tool_parser="deepseek_v3", vllm_reasoning_parser="deepseek_r1"),
+           thinks=True, prompt_opens=True, vllm_tool_parser="deepseek_v3"),
     Family("plain", "templates that render no tools (SmolLM2, Llama 2 chat, Gemma)"),
 )}
 
@@ -221,14 +219,6 @@ def reasoning_grammar(family: Family, gbnf: str) -> str:
     return f'root ::= unillm-think unillm-answer\nunillm-think ::= {head}[^<]* "</think>" [ \\t\\n]*\n{body}'
 
 
-def _partial(text: str, tag: str) -> int:
-    """How many trailing characters of ``text`` could be the start of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
 class Reasoning:
     """Splits an answer, as its text arrives, into reasoning and content: ``feed`` and ``end`` return
     ``(reasoning, content)`` deltas. Reasoning is the text inside ``<think>`` with the spaces around it
@@ -270,7 +260,7 @@ class Reasoning:
                     reasoning += self.held[:at].rstrip()
                     self.held, self.state = self.held[at + len(THINK_CLOSE):], "content"
                     continue
-                keep = _partial(self.held, THINK_CLOSE)
+                keep = partial_tag(self.held, THINK_CLOSE)
                 upto = len(self.held) - keep
                 text = self.held[:upto]
                 trimmed = text.rstrip()  # spaces before the close stay held: they may end the reasoning
@@ -314,12 +304,3 @@ def family_check(value: Any) -> str:
     if value != "auto" and value not in FAMILIES:
         raise ValueError(f"chat_format {value!r} is not one of auto, {', '.join(FAMILIES)}")
     return str(value)
-
-
-def message_reasoning(m: Mapping[str, Any]) -> str | None:
-    """An earlier assistant turn's reasoning as clients send it back (``reasoning_content``, ``reasoning``)."""
-    for key in ("reasoning_content", "reasoning"):
-        v = m.get(key)
-        if isinstance(v, str) and v:
-            return v
-    return None

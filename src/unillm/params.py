@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Union, get_type_hints
 
 from .errors import ContextWindowExceededError, InvalidRequestError
 from .limits import limit, over
+from .families import LEVELS
 from .structured import Structure, structure_of
 
 from typing_extensions import TypedDict
@@ -93,7 +94,7 @@ def _top_logprobs(name: str, v: Any) -> int:
 
 
 def _think(name: str, v: Any) -> bool | str:
-    if not (isinstance(v, bool) or v in ("low", "medium", "high")):
+    if not (isinstance(v, bool) or v in LEVELS):
         raise InvalidRequestError(f"{name} must be true, false, low, medium or high, got {v!r}")
     return v  # type: ignore[no-any-return]
 

@@ -439,7 +439,7 @@ class StreamShaper:
             return self.sent  # perhaps a bare call ({"name", "arguments"}, a list of them): hold back until the end
         # Spaces at the end are held too: before a call they are not content (the content of a call's message
         # is the text outside the calls, stripped).
-        upto = len(self.text) - max(_partial(self.text, m) for m in self.markers)
+        upto = len(self.text) - max(partial_tag(self.text, m) for m in self.markers)
         return len(self.text[:upto].rstrip())
 
     def _regions(self) -> list[str]:
@@ -449,7 +449,7 @@ class StreamShaper:
         out = []
         for block in self.text.split(TOOL_CALL_OPEN)[1:]:
             end = block.find(TOOL_CALL_CLOSE)
-            out.append(block[:end] if end >= 0 else block[: len(block) - _partial(block, TOOL_CALL_CLOSE)])
+            out.append(block[:end] if end >= 0 else block[: len(block) - partial_tag(block, TOOL_CALL_CLOSE)])
         return out
 
     def call_deltas(self) -> list[dict[str, Any]]:
@@ -518,7 +518,7 @@ def _arguments_so_far(rest: str) -> str:
     return (s[:-1] if s.endswith("}") else s).rstrip()
 
 
-def _partial(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """How many trailing characters of ``text`` could be the start of ``tag``."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

@@ -104,6 +104,11 @@ class Backend(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Its grammar can let the model reason before a JSON answer (llama.cpp's GBNF); elsewhere a JSON answer
+    #: or a required call turns a reasoning model's thinking off.
+    reasons_before_json: ClassVar[bool] = False
+    #: The backend's library splits reasoning itself and takes ``think`` as it is (Ollama's daemon).
+    own_reasoning: bool = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -185,12 +190,6 @@ class Backend(ABC):
     def chat_template(self) -> str | None:
         """The chat template this backend renders (None: none here, or not known in this process)."""
         return None
-
-    #: The backend's library splits reasoning itself and takes ``think`` as it is (Ollama's daemon).
-    own_reasoning: bool = False
-    #: Its grammar can let the model reason before a JSON answer (llama.cpp's GBNF); elsewhere a JSON answer
-    #: or a required call turns a reasoning model's thinking off.
-    reasons_before_json: ClassVar[bool] = False
 
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model (device, offload, KV cache...) for ``unillm models``."""

@@ -301,8 +301,7 @@ class VLLMBackend(TokenizerText, Backend):
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
 
-        family = self.family()
-        name = self.options.tool_parser or (family.vllm_tool_parser if family.name != "plain" else "hermes")
+        name = self.options.tool_parser or self.family().vllm_tool_parser
         try:
             parser = ToolParserManager.get_tool_parser(name)(self.tokenizer)
         except Exception:  # noqa: BLE001 - a parser's own check of the vocabulary
