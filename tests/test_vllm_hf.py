@@ -123,16 +123,15 @@ def test_schemas_validate_on_vllm_and_transformers(veng, model):
 def test_tool_calls_on_vllm_and_transformers(veng, model):
     from test_structured import WEATHER_Q, assemble, check_call, time_tool, weather_tool
 
-    r = veng.chat(model, WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", **GREEDY)
-    assert r.finish_reason == "tool_calls" and r.choices[0].message.content is None
-    check_call(r.choices[0].message.tool_calls[0], weather_tool())
+    full = veng.chat(model, WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", **GREEDY)
+    assert full.finish_reason == "tool_calls" and full.choices[0].message.content is None
+    check_call(full.choices[0].message.tool_calls[0], weather_tool())
     named = {"type": "function", "function": {"name": "get_time"}}
     r = veng.chat(model, WEATHER_Q, max_tokens=80, tools=[weather_tool(), time_tool()], tool_choice=named, **GREEDY)
     check_call(r.choices[0].message.tool_calls[0], time_tool())
     chunks = list(veng.chat(model, WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", stream=True, **GREEDY))
     [(call_id, name, arguments)] = assemble(chunks)  # streamed as generated, joined as OpenAI clients do
     assert call_id.startswith("call_") and name == "get_weather"
-    full = veng.chat(model, WEATHER_Q, max_tokens=80, tools=[weather_tool()], tool_choice="required", **GREEDY)
     assert arguments == full.choices[0].message.tool_calls[0].function.arguments
     assert chunks[-1].finish_reason == "tool_calls"
 
