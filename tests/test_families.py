@@ -359,3 +359,25 @@ def test_the_ollama_backend_takes_the_daemons_thinking(fam_server, fam_engine, t
         assert "".join(c.choices[0].delta.reasoning_content or "" for c in chunks) == j.choices[0].message.reasoning_content
         with pytest.raises(Exception, match="no reasoning levels"):  # the daemon's answer, passed on
             eng.chat("remote", "hi", think="high")
+
+
+@pytest.mark.unit
+def test_each_apis_reasoning_switch_becomes_think():
+    from unillm.serve import anthropic_api, responses_api
+    from unillm.serve.openai_api import openai_params
+
+    chat = {"model": "m", "messages": []}
+    assert openai_params({**chat, "reasoning_effort": "none"})["think"] is False
+    assert openai_params({**chat, "reasoning_effort": "high"})["think"] == "high"  # refused later, by the family
+    assert openai_params({**chat, "think": True})["think"] is True
+    with pytest.raises(InvalidRequestError, match="reasoning_effort and think"):
+        openai_params({**chat, "reasoning_effort": "low", "think": True})
+    _, _, params = responses_api.responses_call({"model": "m", "input": "hi", "reasoning": {"effort": "minimal", "summary": "auto"}})
+    assert params["think"] is False
+    with pytest.raises(InvalidRequestError, match="effort"):
+        responses_api.responses_call({"model": "m", "input": "hi", "reasoning": {"budget": 3}})
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    assert anthropic_api.messages_call({**body, "thinking": {"type": "disabled"}})[2]["think"] is False
+    assert "think" not in anthropic_api.messages_call({**body, "thinking": {"type": "adaptive"}})[2]
+    with pytest.raises(InvalidRequestError, match="budget_tokens"):
+        anthropic_api.messages_call({**body, "thinking": {"type": "enabled", "budget_tokens": 1024}})
