@@ -381,3 +381,20 @@ def test_each_apis_reasoning_switch_becomes_think():
     assert "think" not in anthropic_api.messages_call({**body, "thinking": {"type": "adaptive"}})[2]
     with pytest.raises(InvalidRequestError, match="budget_tokens"):
         anthropic_api.messages_call({**body, "thinking": {"type": "enabled", "budget_tokens": 1024}})
+
+
+def test_unillm_chat_writes_the_reasoning_to_stderr_and_the_answer_to_stdout(family_config, fam_engine):
+    import subprocess
+    import sys
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+    j = fam_engine.chat("smollm2-think", "Where is the Eiffel Tower?", temperature=0, max_tokens=200, response_format=fmt)
+    out = subprocess.run([sys.executable, "-m", "unillm", "chat", "smollm2-think", "Where is the Eiffel Tower?", "-t", "0",
+                          "-n", "200", "--schema", json.dumps(CITY), "--config", str(family_config)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == j.choices[0].message.parsed
+    assert j.choices[0].message.reasoning_content in out.stderr
+    off = subprocess.run([sys.executable, "-m", "unillm", "chat", "smollm2-think", "hi", "-n", "4", "--think", "maybe",
+                          "--config", str(family_config)], capture_output=True, text=True, timeout=300)
+    assert off.returncode == 2 and "argument --think: invalid true_false_or_level value: 'maybe'" in off.stderr

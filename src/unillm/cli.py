@@ -180,11 +180,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         # schema) would leave partial JSON where a script reads it.
         if args.no_stream or "response_format" in params:
             r = engine.chat(args.model, messages, **params)
+            if r.choices[0].message.reasoning_content:  # a reasoning model's thinking: beside the answer, not in it
+                print(r.choices[0].message.reasoning_content, file=sys.stderr)
             sys.stdout.write(r.text + "\n")
             usage, timings, model, backend = r.usage, r.timings, r.model, r.backend
         else:
-            last = None
+            last, thinking = None, False
             for chunk in engine.chat(args.model, messages, stream=True, **params):
+                if chunk.choices[0].delta.reasoning_content:  # on stderr: stdout is the answer alone
+                    sys.stderr.write(chunk.choices[0].delta.reasoning_content)
+                    sys.stderr.flush()
+                    thinking = True
+                if chunk.text and thinking:
+                    sys.stderr.write("\n")
+                    thinking = False
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 last = chunk

@@ -99,6 +99,14 @@ def _think(name: str, v: Any) -> bool | str:
     return v  # type: ignore[no-any-return]
 
 
+def true_false_or_level(text: str) -> bool | str:
+    """``--think``'s value: true or false (as words), or a level."""
+    words: dict[str, bool | str] = {"true": True, "false": False, **{level: level for level in LEVELS}}
+    if text.lower() not in words:
+        raise ValueError(text)  # argparse names the flag and the value
+    return words[text.lower()]
+
+
 def _any(name: str, v: Any) -> Any:
     return v  # checked as a whole by unillm.structured.structure_of
 
@@ -150,7 +158,7 @@ class ChatParams(TypedDict, total=False):
     tool_choice: Annotated[ToolChoice, Param(_any, "auto | none | required | {'type': 'function', 'function': {'name'}}")]
     think: Annotated[Union[bool, Literal["low", "medium", "high"]], Param(
         _think, "reasoning models: think before answering (true, default) or not (false); the reasoning comes apart "
-        "from the answer, as message.reasoning_content", True)]
+        "from the answer, as message.reasoning_content", True, ("--think",), true_false_or_level)]
     extra: Annotated[Mapping[str, Any], Param(_extra, "backend-specific options (llama.cpp: top_k, min_p, grammar...)")]
 
 
