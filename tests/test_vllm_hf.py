@@ -268,9 +268,14 @@ def test_sigterm_to_serve_closes_vllms_engine_processes():
     from test_lifecycle import alive, children_of
     from test_ollama_serve import free_port
 
+    import tempfile
+
     port = free_port()
-    with subprocess.Popen([sys.executable, "-m", "unillm", "serve", "--port", str(port), "--load", "smollm2-vllm"],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+    # Its stderr goes to a file (a pipe nobody reads could fill and block it), for the failure message: one
+    # run in a fresh clone's .ci/run exited 1 here, and five others 143.
+    with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
+            [sys.executable, "-m", "unillm", "serve", "--port", str(port), "--load", "smollm2-vllm"],
+            stdout=subprocess.PIPE, stderr=err, text=True) as proc:
         try:
             while "serving on" not in (line := proc.stdout.readline()):
                 assert line, "unillm serve exited before serving"
@@ -278,7 +283,9 @@ def test_sigterm_to_serve_closes_vllms_engine_processes():
             assert kids, "vLLM runs its engine in child processes"
             t = time.time()
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+            rc = proc.wait(timeout=30)
+            err.seek(0)
+            assert rc == 128 + signal.SIGTERM, err.read()[-4000:]
             while any(alive(k) for k in kids) and time.time() - t < 30:
                 time.sleep(0.2)
             left = [k for k in kids if alive(k)]
