@@ -184,6 +184,12 @@ def check_think(family: Family, think: Think, model: str) -> None:
                                   "registry chat_format if it is a reasoning model (qwen3, deepseek-r1)")
 
 
+def think_of_effort(effort: Any) -> Think:
+    """OpenAI's ``reasoning_effort`` (and the Responses API's ``reasoning.effort``) as ``think``: ``none`` and
+    ``minimal`` are false; a level stays that level (refused later by families without levels)."""
+    return False if effort in ("none", "minimal") else effort  # type: ignore[no-any-return]
+
+
 def thinking(family: Family, think: Think) -> bool:
     """Whether this answer will begin with reasoning."""
     return family.thinks and think is not False

@@ -570,8 +570,8 @@ class LlamaCppBackend(ThreadedBackend):
                 raise InvalidRequestError("extra grammar and a JSON schema (response_format or a required tool call) "
                                           "both constrain the answer: give one")
             gbnf, what = schema_grammar(schema), "the grammar built from the JSON schema"
-            if thinking(self.family(), p.think):  # the model reasons first, as its template expects
-                gbnf = reasoning_grammar(self.family(), gbnf)
+            if thinking(family := self.family(), p.think):  # the model reasons first, as its template expects
+                gbnf = reasoning_grammar(family, gbnf)
             kw["grammar"] = gbnf
         kw["grammar_text"] = None
         if kw["grammar"] is not None:

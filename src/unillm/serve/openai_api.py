@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import InvalidRequestError, UnillmError
+from ..families import think_of_effort
 from ..params import PARAMS
 from .wire import sse, typed
 
@@ -69,7 +70,7 @@ def openai_params(body: dict[str, Any]) -> dict[str, Any]:
     if effort is not None:  # OpenAI's reasoning switch: none (and minimal) is think=false, levels are levels
         if "think" in body:
             raise InvalidRequestError("reasoning_effort and think both set the reasoning: give one")
-        params["think"] = False if effort in ("none", "minimal") else effort
+        params["think"] = think_of_effort(effort)
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
         params["max_tokens"] = mt

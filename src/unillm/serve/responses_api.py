@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import InvalidRequestError, UnillmError
+from ..families import think_of_effort
 from ..types import ChatCompletion, ChatCompletionChunk, Usage
 from .guard import error_body
 from .wire import sse, text_parts, typed
@@ -208,7 +209,7 @@ def responses_call(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dic
     if body.get("max_output_tokens") is not None:
         params["max_tokens"] = body["max_output_tokens"]
     if "effort" in reasoning:
-        params["think"] = False if reasoning["effort"] in ("none", "minimal") else reasoning["effort"]
+        params["think"] = think_of_effort(reasoning["effort"])
     if body.get("tools"):
         params["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
